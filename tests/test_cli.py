@@ -1,0 +1,47 @@
+from pathlib import Path
+
+import pytest
+
+from conftest import DIGITS, ROOT, quiet_args, run_zoo
+from zoo.cli import ZooCLI
+
+CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
+
+
+def test_print_config_shows_class_paths_and_defaults():
+    result = run_zoo("fit", "-c", str(DIGITS), "--print_config")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "class_path: zoo.classification.classifier.ImageClassifier" in out
+    assert "class_path: lightning.pytorch.loggers.WandbLogger" in out and "offline: true" in out
+    assert "last_checkpoint:" in out and "finetune:" in out
+
+
+def test_unknown_config_key_exits_nonzero_naming_the_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(DIGITS.read_text().replace("dropout: 0.2", "dropout: 0.2\n    dropuot: 0.5"))
+    result = run_zoo("fit", "-c", str(bad), "--trainer.logger=false")
+    assert result.returncode != 0
+    assert "dropuot" in result.stderr
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[str(c.relative_to(ROOT / "configs")) for c in CONFIGS])
+def test_every_config_builds(config, tmp_path):
+    cli = ZooCLI(args=["-c", str(config), "--trainer.logger=false", f"--trainer.default_root_dir={tmp_path}"], run=False)
+    assert cli.model is not None and cli.datamodule is not None
+
+
+def test_digits_config_fast_dev_run(tmp_path):
+    ZooCLI(args=["fit", *quiet_args(tmp_path, "--trainer.fast_dev_run=true")])
+
+
+def test_default_run_writes_wandb_offline_and_cam_images(tmp_path):
+    # The config as users run it (W&B logger, CAM logger, baselines), only shorter.
+    cli = ZooCLI(args=["fit", "-c", str(DIGITS), f"--trainer.default_root_dir={tmp_path}",
+                       "--trainer.max_epochs=1", "--trainer.limit_train_batches=3", "--trainer.limit_val_batches=1",
+                       "--trainer.limit_test_batches=1", "--trainer.enable_progress_bar=false"])
+    assert list((tmp_path / "wandb").glob("offline-run-*")), "no offline W&B run written"
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    metrics = cli.trainer.callback_metrics
+    assert {"test/acc", "baseline/logreg_acc", "baseline/1nn_acc"} <= set(metrics)
+    assert float(metrics["baseline/1nn_acc"]) > 0.95  # 1-NN on digits pixels is ~0.98

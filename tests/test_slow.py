@@ -1,0 +1,39 @@
+"""End-to-end demos; deselected by default (``pytest -m slow`` runs them)."""
+
+import os
+import re
+
+import pytest
+
+from conftest import DIGITS, ROOT, run_zoo
+
+pytestmark = pytest.mark.slow
+
+
+def test_digits_demo_reaches_099_beside_pixel_baselines(tmp_path):
+    result = run_zoo("fit", "-c", str(DIGITS), f"--trainer.default_root_dir={tmp_path}",
+                     "--trainer.enable_progress_bar=false", timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = {name: float(value) for name, value in re.findall(r"^\s*(\S+)\s+([0-9.]+)\s*$", result.stdout, re.M)}
+    assert metrics["test/acc"] >= 0.99, metrics
+    assert metrics["baseline/logreg_acc"] < metrics["test/acc"] and metrics["baseline/1nn_acc"] < metrics["test/acc"]
+
+
+def test_quickstart_notebook_executes(tmp_path):
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    result = run_zoo("fit", "-c", str(DIGITS), f"--trainer.default_root_dir={tmp_path}", "--trainer.max_epochs=3",
+                     "--trainer.logger=false", "--trainer.enable_progress_bar=false", "--trainer.callbacks=[]")
+    assert result.returncode == 0, result.stderr[-3000:]
+    os.environ["ZOO_CKPT"] = str(tmp_path / "checkpoints" / "last.ckpt")
+    try:
+        notebook = nbformat.read(ROOT / "notebooks" / "quickstart.ipynb", as_version=4)
+        nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3",
+                                resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
+    finally:
+        del os.environ["ZOO_CKPT"]
+    outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
+    assert any("image/png" in o.get("data", {}) for o in outputs), "no CAM image was displayed"
+    text = "".join(o.get("text", "") for o in outputs)
+    accuracy = float(re.search(r"test accuracy: ([0-9.]+)", text).group(1))
+    assert accuracy > 0.9

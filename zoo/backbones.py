@@ -1,0 +1,123 @@
+"""Backbones: any timm model as a feature extractor, plus the small research networks papers train from scratch.
+
+Contract shared by every backbone here (and expected by heads across the zoo):
+
+* ``TimmBackbone`` / ``ConvNet``: ``forward(x) -> (B, out_channels, H/r, W/r)``, the last feature map, with
+  ``out_channels: int`` and ``reduction: int``.
+* ``TimmFeatures``: ``forward(x) -> list`` of maps from several stages (``features_only``), with
+  ``out_channels: list[int]`` and ``reductions: list[int]``; this is what an FPN consumes.
+
+``pretrained`` is passed straight to ``timm.create_model`` (default ``False``: nothing is downloaded unless asked).
+Small research backbones (Conv-4/Conv-6 of the few-shot papers, WRN-28-2 of the semi-supervised ones) live in this
+file too, so that every family builds on the same few definitions.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import timm
+import torch
+from torch import nn
+
+__all__ = ["TimmBackbone", "TimmFeatures", "ConvNet"]
+
+
+class TimmBackbone(nn.Module):
+    """A timm model without its pooling and classifier: returns the last feature map.
+
+    Args:
+        name: any ``timm.list_models()`` name, e.g. ``resnet18``, ``resnet50``, ``convnext_tiny``.
+        pretrained: load timm's pretrained weights (needs internet or a populated HF cache).
+        in_chans: input channels; timm adapts the stem (and pretrained stem weights) to it.
+        **kwargs: passed to ``timm.create_model`` (``drop_path_rate``, ``output_stride``...).
+
+    Example:
+        >>> net = TimmBackbone("resnet18")
+        >>> net(torch.zeros(2, 3, 64, 64)).shape, net.out_channels, net.reduction
+        (torch.Size([2, 512, 2, 2]), 512, 32)
+    """
+
+    def __init__(self, name: str = "resnet18", pretrained: bool = False, in_chans: int = 3, **kwargs) -> None:
+        super().__init__()
+        self.model = timm.create_model(name, pretrained=pretrained, in_chans=in_chans, num_classes=0, global_pool="", **kwargs)
+        self.out_channels: int = self.model.num_features
+        info = getattr(self.model, "feature_info", None)
+        self.reduction: int = int(info[-1]["reduction"]) if info else 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.model.forward_features(x)
+        if features.ndim != 4:
+            raise ValueError(
+                f"TimmBackbone({type(self.model).__name__}) returned shape {tuple(features.shape)}; "
+                "heads here need a (B, C, H, W) map: pick a convolutional model or one with a spatial output."
+            )
+        return features
+
+
+class TimmFeatures(nn.Module):
+    """Feature maps from several stages of a timm model (``features_only=True``), e.g. for an FPN.
+
+    Args:
+        name: timm model name.
+        out_indices: which stages to return (timm's indexing; ``(1, 2, 3, 4)`` gives strides 4..32 on a ResNet).
+        pretrained: load timm's pretrained weights.
+        in_chans: input channels.
+    """
+
+    def __init__(
+        self,
+        name: str = "resnet18",
+        out_indices: Sequence[int] = (1, 2, 3, 4),
+        pretrained: bool = False,
+        in_chans: int = 3,
+        **kwargs,
+    ) -> None:
+        super().__init__()
+        self.model = timm.create_model(
+            name, pretrained=pretrained, in_chans=in_chans, features_only=True, out_indices=tuple(out_indices), **kwargs
+        )
+        self.out_channels: list[int] = list(self.model.feature_info.channels())
+        self.reductions: list[int] = list(self.model.feature_info.reduction())
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return self.model(x)
+
+
+class ConvNet(nn.Module):
+    """Plain stacks of 3×3 conv → BN → ReLU, with 2×2 max-pooling after the first ``num_pools`` blocks.
+
+    ``ConvNet(widths=[64] * 4)`` is the Conv-4 of the few-shot literature (Vinyals et al. 2016, Snell et al. 2017);
+    the digits classifier uses ``widths=[32, 64, 128], convs_per_block=2, num_pools=2`` to keep an 8×8 map at 32×32
+    input, fine enough for class activation maps.
+
+    Args:
+        in_chans: input channels.
+        widths: output channels of each block.
+        convs_per_block: conv layers per block.
+        num_pools: blocks followed by max-pooling (counted from the first); default: all of them.
+    """
+
+    def __init__(
+        self,
+        in_chans: int = 3,
+        widths: Sequence[int] = (64, 64, 64, 64),
+        convs_per_block: int = 1,
+        num_pools: Optional[int] = None,
+    ) -> None:
+        super().__init__()
+        num_pools = len(widths) if num_pools is None else num_pools
+        layers: list[nn.Module] = []
+        channels = in_chans
+        for i, width in enumerate(widths):
+            for _ in range(convs_per_block):
+                layers += [nn.Conv2d(channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
+                channels = width
+            if i < num_pools:
+                layers.append(nn.MaxPool2d(2))
+        self.features = nn.Sequential(*layers)
+        self.out_channels: int = channels
+        self.reduction: int = 2**num_pools
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)

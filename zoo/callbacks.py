@@ -1,0 +1,171 @@
+"""Callbacks every zoo run gets: resumable checkpoints, a stop on the first non-finite loss, and fine-tuning.
+
+They hold no model-specific code, so a detector, a GAN pair (manual optimisation), a teacher/student pair and a
+memory-bank method all use them unchanged.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+from datetime import timedelta
+from typing import Any, Optional
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+
+from zoo.checkpoint import load_weights
+
+__all__ = ["LearningRateLogger", "LastCheckpoint", "NonFiniteLossError", "NonFiniteLossGuard", "FineTuning"]
+
+log = logging.getLogger(__name__)
+
+
+class LearningRateLogger(LearningRateMonitor):
+    """Lightning's ``LearningRateMonitor``, except that a run without a logger is not an error: it logs nothing."""
+
+    def on_train_start(self, trainer: "L.Trainer", *args: Any, **kwargs: Any) -> None:
+        if trainer.loggers:
+            super().on_train_start(trainer, *args, **kwargs)
+
+    def on_train_batch_start(self, trainer: "L.Trainer", *args: Any, **kwargs: Any) -> None:
+        if trainer.loggers:
+            super().on_train_batch_start(trainer, *args, **kwargs)
+
+    def on_train_epoch_start(self, trainer: "L.Trainer", *args: Any, **kwargs: Any) -> None:
+        if trainer.loggers:
+            super().on_train_epoch_start(trainer, *args, **kwargs)
+
+
+class LastCheckpoint(ModelCheckpoint):
+    """Keeps ``last.ckpt`` current: every ``every_n_train_steps`` steps, at each epoch end and when training ends.
+
+    It is a ``ModelCheckpoint`` so that ``--ckpt_path last`` finds its file. The best-on-metric checkpoint is a
+    separate ``ModelCheckpoint``: a monitored one defers step-based saves until validation has run.
+    """
+
+    def __init__(
+        self,
+        dirpath: Optional[str] = None,
+        every_n_train_steps: int = 500,
+        train_time_interval: Optional[timedelta] = None,
+    ) -> None:
+        super().__init__(
+            dirpath=dirpath,
+            save_top_k=0,
+            save_last=True,
+            every_n_train_steps=None if train_time_interval else every_n_train_steps,
+            train_time_interval=train_time_interval,
+        )
+
+    def _save_last_now(self, trainer: "L.Trainer") -> None:
+        if self._should_skip_saving_checkpoint(trainer) or self._last_global_step_saved == trainer.global_step:
+            return
+        self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_train_epoch_end(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> None:
+        self._save_last_now(trainer)
+
+    def on_train_end(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> None:
+        self._save_last_now(trainer)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Raised by ``NonFiniteLossGuard``; the message names the step and the batch."""
+
+
+class NonFiniteLossGuard(Callback):
+    """Stops training at the first NaN/Inf loss, before its backward pass and optimizer step.
+
+    Nothing is written after the bad step, so the newest checkpoint still holds finite weights. The check runs in
+    ``on_before_backward``, which Lightning calls for automatic optimisation and for every ``manual_backward``, and is
+    reduced over ranks so that under DDP every process stops together instead of hanging in the next all-reduce.
+    """
+
+    def __init__(self) -> None:
+        self._batch_idx = -1
+
+    def on_train_batch_start(self, trainer: "L.Trainer", pl_module: "L.LightningModule", batch: Any, batch_idx: int) -> None:
+        self._batch_idx = batch_idx
+
+    def on_before_backward(self, trainer: "L.Trainer", pl_module: "L.LightningModule", loss: torch.Tensor) -> None:
+        bad_here = not bool(torch.isfinite(loss.detach()).all())
+        if not trainer.strategy.reduce_boolean_decision(bad_here, all=False):
+            return
+        where = f"global step {trainer.global_step} (epoch {trainer.current_epoch}, batch {self._batch_idx})"
+        what = f"loss = {loss.detach().float().cpu().tolist()}" if bad_here else "another rank's loss"
+        last = [cb.last_model_path for cb in trainer.checkpoint_callbacks if getattr(cb, "last_model_path", "")]
+        kept = f" The last checkpoint, {last[0]}, was written before this step and is intact." if last else ""
+        raise NonFiniteLossError(
+            f"Non-finite {what} at {where}; training stopped before the backward pass.{kept} "
+            "Try a lower learning rate, gradient clipping (--trainer.gradient_clip_val 1.0), fp32 instead of fp16, "
+            "or look for NaN/Inf values in that batch."
+        )
+
+
+class FineTuning(Callback):
+    """Initialise a model from a checkpoint or weights file and freeze parameters by name.
+
+    Args:
+        init_from: a Lightning ``.ckpt`` or a ``state_dict`` file (read with ``weights_only=True``). Tensors whose name
+            and shape match are copied; a head with another class count is skipped and reported.
+        key_map: prefix renames applied to the file's keys first, e.g. ``{"model.": "backbone.body."}``.
+        freeze: ``fnmatch`` patterns over parameter names (``"backbone.*"``). Frozen parameters get
+            ``requires_grad=False``, and batch-norm layers whose parameters are all frozen stay in eval mode, so
+            their running statistics do not drift either. A pattern that matches nothing is an error (a typo).
+
+    Weights are loaded in ``setup("fit")``, before optimizers and DDP exist. When a run resumes (``--ckpt_path``), the
+    checkpoint's weights win and ``init_from`` is not read again; freezing is re-applied.
+    """
+
+    def __init__(
+        self,
+        init_from: Optional[str] = None,
+        key_map: Optional[dict[str, str]] = None,
+        freeze: Optional[list[str]] = None,
+    ) -> None:
+        self.init_from = init_from
+        self.key_map = dict(key_map or {})
+        self.freeze = list(freeze or [])
+        self._frozen_norms: list[nn.Module] = []
+
+    def setup(self, trainer: "L.Trainer", pl_module: "L.LightningModule", stage: str) -> None:
+        if stage != "fit":
+            return
+        if self.init_from and not trainer.ckpt_path:
+            report = load_weights(pl_module, self.init_from, self.key_map)
+            if not report.loaded:
+                raise RuntimeError(
+                    f"init_from: no tensor of '{self.init_from}' matches the model by name and shape; "
+                    f"set finetune.key_map to map its prefixes.\n{report.summary()}"
+                )
+            rank_zero_info(f"[finetune] {self.init_from}: {report.summary()}")
+        if self.freeze:
+            self._apply_freeze(pl_module)
+
+    def _apply_freeze(self, model: nn.Module) -> None:
+        frozen = 0
+        for pattern in self.freeze:
+            matches = [p for name, p in model.named_parameters() if fnmatch.fnmatchcase(name, pattern)]
+            if not matches:
+                names = [n for n, _ in model.named_parameters()][:8]
+                raise ValueError(f"freeze: pattern {pattern!r} matches no parameter; names look like {names}")
+            for p in matches:
+                frozen += p.requires_grad
+                p.requires_grad_(False)
+        self._frozen_norms = [
+            m
+            for m in model.modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm)
+            and any(True for _ in m.parameters())
+            and not any(p.requires_grad for p in m.parameters())
+        ]
+        rank_zero_info(f"[finetune] froze {frozen} parameter tensors ({len(self._frozen_norms)} batch-norm layers in eval)")
+
+    def on_train_epoch_start(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> None:
+        # Lightning puts the whole model in train mode at each epoch start; frozen BN must not update its statistics.
+        for module in self._frozen_norms:
+            module.eval()

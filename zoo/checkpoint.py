@@ -1,0 +1,128 @@
+"""Loading weights for fine-tuning, and checkpoint writes that a crash cannot tear.
+
+``load_weights`` reads a Lightning checkpoint or a plain ``state_dict`` file with ``weights_only=True``, maps key
+prefixes (timm's ``checkpoint_filter_fn`` idea, as data instead of code) and copies every tensor whose name and shape
+match, reporting the rest instead of failing on them, so a new head with another class count is simply skipped.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from lightning.fabric.utilities.cloud_io import get_filesystem
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from torch import nn
+
+__all__ = ["LoadReport", "read_state_dict", "remap_keys", "load_weights", "AtomicCheckpointIO"]
+
+
+@dataclass
+class LoadReport:
+    """What ``load_weights`` did with each key."""
+
+    loaded: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)  # in the model, not in the file
+    unexpected: list[str] = field(default_factory=list)  # in the file, not in the model
+    shape_mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
+
+    def summary(self) -> str:
+        lines = [f"loaded {len(self.loaded)} tensors"]
+        if self.shape_mismatched:
+            lines.append(f"skipped {len(self.shape_mismatched)} with another shape (kept the model's own init):")
+            lines += [f"    {k}: file {tuple(a)} vs model {tuple(b)}" for k, a, b in self.shape_mismatched]
+        if self.missing:
+            lines.append(f"missing from the file ({len(self.missing)}): {', '.join(self.missing)}")
+        if self.unexpected:
+            lines.append(f"unexpected in the file ({len(self.unexpected)}): {', '.join(self.unexpected)}")
+        return "\n".join(lines)
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read tensors from a Lightning ``.ckpt`` (its ``state_dict``) or from a plain weights file.
+
+    Plain files may hold the tensors at the top level or under ``state_dict`` / ``model`` (torchvision and timm
+    releases do both). Loading uses ``weights_only=True``: no code in the file is executed.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"init_from: no checkpoint or weights file at '{path}'")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - re-raised with the file named
+        raise RuntimeError(f"init_from: cannot read '{path}' as a PyTorch weights file ({err})") from err
+    if isinstance(obj, Mapping):
+        for key in ("state_dict", "model", "model_state_dict"):
+            if isinstance(obj.get(key), Mapping):
+                obj = obj[key]
+                break
+    tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)} if isinstance(obj, Mapping) else {}
+    if not tensors:
+        raise RuntimeError(f"init_from: '{path}' holds no tensors (expected a state_dict or a Lightning checkpoint)")
+    return tensors
+
+
+def remap_keys(state_dict: Mapping[str, torch.Tensor], key_map: Mapping[str, str]) -> dict[str, torch.Tensor]:
+    """Rename keys by prefix: ``{"encoder.": "backbone."}`` turns ``encoder.conv1.weight`` into ``backbone.conv1.weight``.
+
+    The longest matching prefix wins; a prefix mapped to ``""`` strips it. Keys matching no prefix keep their name.
+    """
+    prefixes = sorted(key_map, key=len, reverse=True)
+    out = {}
+    for key, value in state_dict.items():
+        for prefix in prefixes:
+            if key.startswith(prefix):
+                key = key_map[prefix] + key[len(prefix) :]
+                break
+        out[key] = value
+    return out
+
+
+def load_weights(
+    model: nn.Module, path: str | os.PathLike, key_map: Mapping[str, str] | None = None
+) -> LoadReport:
+    """Copy every tensor of ``path`` whose (mapped) name and shape match ``model``; report all others."""
+    source = remap_keys(read_state_dict(path), key_map or {})
+    target = model.state_dict()
+    report = LoadReport()
+    to_load = {}
+    for key, value in source.items():
+        if key not in target:
+            report.unexpected.append(key)
+        elif tuple(value.shape) != tuple(target[key].shape):
+            report.shape_mismatched.append((key, tuple(value.shape), tuple(target[key].shape)))
+        else:
+            to_load[key] = value
+            report.loaded.append(key)
+    report.missing = [k for k in target if k not in source]
+    model.load_state_dict(to_load, strict=False)
+    return report
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes each checkpoint to a temporary file and renames it into place.
+
+    A run killed while saving (SIGKILL, OOM, pre-emption) leaves the previous ``last.ckpt`` whole instead of a
+    truncated file that ``--ckpt_path last`` cannot read. Remote paths (``s3://``...) fall back to the plain write.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        fs = get_filesystem(path)
+        if type(fs).__name__ != "LocalFileSystem":
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise

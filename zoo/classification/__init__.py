@@ -1,0 +1,1 @@
+"""Image classification: the reference classifier (GAP + linear head) and class activation maps."""
