@@ -27,8 +27,14 @@ def test_unknown_config_key_exits_nonzero_naming_the_key(tmp_path):
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[str(c.relative_to(ROOT / "configs")) for c in CONFIGS])
 def test_every_config_builds(config, tmp_path):
-    cli = ZooCLI(args=["-c", str(config), "--trainer.logger=false", f"--trainer.default_root_dir={tmp_path}"], run=False)
+    args = ["-c", str(config), "--trainer.logger=false", f"--trainer.default_root_dir={tmp_path}"]
+    if "pretrained: true" in config.read_text():  # tests never download weights
+        args.append("--model.init_args.backbone.init_args.pretrained=false")
+    cli = ZooCLI(args=args, run=False)
     assert cli.model is not None and cli.datamodule is not None
+    data_classes = getattr(cli.datamodule, "num_classes", None)
+    if data_classes is not None and hasattr(cli.model, "hparams") and "num_classes" in cli.model.hparams:
+        assert cli.model.hparams.num_classes == data_classes
 
 
 def test_digits_config_fast_dev_run(tmp_path):

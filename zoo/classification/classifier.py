@@ -68,8 +68,7 @@ class ImageClassifier(L.LightningModule):
         return self.head(features), class_activation_maps(features, self.head.fc.weight)
 
     def setup(self, stage: str) -> None:
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        data_classes = getattr(datamodule, "num_classes", None)
+        data_classes = getattr(self.trainer.datamodule, "num_classes", None)
         if data_classes is not None and data_classes != self.hparams.num_classes:
             raise ValueError(
                 f"model.num_classes is {self.hparams.num_classes} but the data has {data_classes} classes: "
