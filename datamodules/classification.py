@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 from functools import partial
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -99,6 +100,33 @@ class ImageFolderDataModule(ZooDataModule):
         self.test_set = self._folder("test", self.eval_transform()) if test_dir.exists() else self.val_set
 
 
+class _FilesPresentCheck:
+    """Replaces torchvision's MD5 pass over every CIFAR batch file (at every start) by a presence check.
+
+    A truncated or foreign file still fails, when it is unpickled, and ``CIFAR10DataModule`` names it then.
+    """
+
+    def _check_integrity(self) -> bool:
+        folder = Path(self.root) / self.base_folder
+        return all((folder / name).is_file() for name, _ in self.train_list + self.test_list)
+
+    def _load_meta(self) -> None:
+        path = Path(self.root) / self.base_folder / self.meta["filename"]
+        if not path.is_file():
+            raise RuntimeError(f"metadata file {path} is missing")
+        with open(path, "rb") as f:
+            self.classes = pickle.load(f, encoding="latin1")[self.meta["key"]]
+        self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
+
+
+class _CIFAR10(_FilesPresentCheck, datasets.CIFAR10):
+    pass
+
+
+class _CIFAR100(_FilesPresentCheck, datasets.CIFAR100):
+    pass
+
+
 class CIFAR10DataModule(ZooDataModule):
     """CIFAR-10 through ``torchvision.datasets.CIFAR10`` (the python pickle batches).
 
@@ -114,7 +142,8 @@ class CIFAR10DataModule(ZooDataModule):
         batch_size, eval_batch_size, num_workers, pin_memory: see ``ZooDataModule``.
     """
 
-    dataset_class = datasets.CIFAR10
+    dataset_class = _CIFAR10
+    dataset_name = "CIFAR10"
     folder = "cifar-10-batches-py"
     num_classes = 10
     mean = (0.4914, 0.4822, 0.4465)
@@ -142,17 +171,22 @@ class CIFAR10DataModule(ZooDataModule):
             self.dataset_class(str(self.root), train=False, download=True)
 
     def _dataset(self, train: bool, transform: Callable):
+        name = self.dataset_name
         require_path(
             self.root / self.folder,
-            self.dataset_class.__name__,
+            name,
             f"  <root>/{self.folder}/  (the python version: data_batch_1..5 / train, test_batch / test, batches.meta / meta)",
             "set `data.init_args.download: true` (needs internet), or unpack the python version from "
             "https://www.cs.toronto.edu/~kriz/cifar.html into <root>",
         )
         try:
             return self.dataset_class(str(self.root), train=train, transform=transform, download=False)
-        except RuntimeError as err:
-            raise RuntimeError(f"{self.dataset_class.__name__} at '{self.root}' is incomplete or corrupt: {err}") from err
+        except (RuntimeError, EOFError, KeyError, ValueError, pickle.UnpicklingError) as err:
+            files = ", ".join([n for n, _ in self.dataset_class.train_list + self.dataset_class.test_list]
+                              + [self.dataset_class.meta["filename"]])
+            raise RuntimeError(
+                f"{name} at '{self.root / self.folder}' is incomplete or corrupt (expected readable {files}): {err!r}"
+            ) from err
 
     def setup(self, stage: Optional[str] = None) -> None:
         augment = [v2.RandomCrop(32, padding=4), v2.RandomHorizontalFlip()] if self.augment else []
@@ -175,7 +209,8 @@ class CIFAR10DataModule(ZooDataModule):
 class CIFAR100DataModule(CIFAR10DataModule):
     """CIFAR-100 (fine labels) through ``torchvision.datasets.CIFAR100``; same arguments as ``CIFAR10DataModule``."""
 
-    dataset_class = datasets.CIFAR100
+    dataset_class = _CIFAR100
+    dataset_name = "CIFAR100"
     folder = "cifar-100-python"
     num_classes = 100
     mean = (0.5071, 0.4865, 0.4409)

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DIGITS, ROOT, quiet_args, run_zoo
+from conftest import DIGITS, ROOT, quiet_args, run_zoo, write_cifar10, write_image_folder
 from zoo.cli import ZooCLI
 
 CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
@@ -51,3 +51,18 @@ def test_default_run_writes_wandb_offline_and_cam_images(tmp_path):
     metrics = cli.trainer.callback_metrics
     assert {"test/acc", "baseline/logreg_acc", "baseline/1nn_acc"} <= set(metrics)
     assert float(metrics["baseline/1nn_acc"]) > 0.95  # 1-NN on digits pixels is ~0.98
+
+
+@pytest.mark.parametrize("name", ["resnet18_cifar10", "timm_imagefolder"])
+def test_real_data_configs_fast_dev_run_on_format_fixtures(name, tmp_path):
+    data = tmp_path / "data"
+    if "cifar" in name:
+        write_cifar10(data, per_batch=10)
+        extra = ["--data.init_args.val_size=10"]
+    else:
+        write_image_folder(data, classes=[f"c{i}" for i in range(10)], per_class=2)
+        extra = ["--data.init_args.image_size=64", "--model.init_args.backbone.init_args.pretrained=false"]
+    config = ROOT / "configs" / "classification" / f"{name}.yaml"
+    ZooCLI(args=["fit", *quiet_args(tmp_path / "run", config=config), "--trainer.fast_dev_run=true",
+                 f"--data.init_args.root={data}", "--data.init_args.num_workers=0", "--data.init_args.batch_size=4",
+                 "--trainer.precision=32-true", *extra])  # fp16/bf16 autocast is a GPU setting; CPU runs fp32 here

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
+from conftest import write_cifar10, write_image_folder
 from datamodules.base import CorruptImageError, DatasetNotFoundError
 from datamodules.classification import CIFAR10DataModule, ImageFolderDataModule
 from datamodules.digits import DigitsDataModule
@@ -40,18 +40,8 @@ def test_digits_class_subset_is_relabelled_and_pixels_align():
         DigitsDataModule(classes=[1, 1])
 
 
-def _write_folder_tree(root, classes=("cat", "dog"), per_class=3):
-    rng = np.random.default_rng(0)
-    for split in ("train", "val"):
-        for c in classes:
-            d = root / split / c
-            d.mkdir(parents=True)
-            for i in range(per_class):
-                Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(d / f"{i}.jpg")
-
-
 def test_image_folder_loads_real_jpegs(tmp_path):
-    _write_folder_tree(tmp_path)
+    write_image_folder(tmp_path)
     dm = ImageFolderDataModule(str(tmp_path), image_size=16, batch_size=4, num_workers=0, pin_memory=False)
     dm.setup("fit")
     assert dm.num_classes == 2 and dm.class_names == ["cat", "dog"]
@@ -69,7 +59,7 @@ def test_image_folder_missing_root_names_path_and_layout(tmp_path):
 
 
 def test_corrupt_image_fails_naming_the_file(tmp_path):
-    _write_folder_tree(tmp_path)
+    write_image_folder(tmp_path)
     broken = tmp_path / "train" / "dog" / "broken.jpg"
     broken.write_bytes(b"\xff\xd8\xff\xe0 truncated jpeg")
     dm = ImageFolderDataModule(str(tmp_path), image_size=16, batch_size=8, num_workers=0, pin_memory=False)
@@ -84,3 +74,20 @@ def test_cifar_missing_names_expected_folder(tmp_path):
     with pytest.raises(DatasetNotFoundError) as err:
         dm.setup("fit")
     assert "cifar-10-batches-py" in str(err.value) and "download: true" in str(err.value)
+
+
+def test_cifar10_reads_the_python_pickle_format(tmp_path):
+    write_cifar10(tmp_path, per_batch=10)
+    dm = CIFAR10DataModule(root=str(tmp_path), val_size=10, batch_size=4, num_workers=0, pin_memory=False)
+    dm.setup("fit")
+    assert len(dm.train_set) == 40 and len(dm.val_set) == 10 and len(dm.test_set) == 10  # 5 × 10 train images
+    assert sorted(dm.train_set.dataset.targets[i] for i in dm.val_set.indices) == list(range(10))  # 1 per class
+    images, labels = next(iter(dm.train_dataloader()))
+    assert images.shape == (4, 3, 32, 32) and images.dtype == torch.float32
+
+
+def test_cifar10_truncated_batch_is_named(tmp_path):
+    write_cifar10(tmp_path)
+    (tmp_path / "cifar-10-batches-py" / "data_batch_3").write_bytes(b"\x80\x04 truncated")
+    with pytest.raises(RuntimeError, match="incomplete or corrupt.*data_batch_3"):
+        CIFAR10DataModule(root=str(tmp_path)).setup("fit")
