@@ -63,6 +63,8 @@ def test_real_data_configs_fast_dev_run_on_format_fixtures(name, tmp_path):
         write_image_folder(data, classes=[f"c{i}" for i in range(10)], per_class=2)
         extra = ["--data.init_args.image_size=64", "--model.init_args.backbone.init_args.pretrained=false"]
     config = ROOT / "configs" / "classification" / f"{name}.yaml"
-    ZooCLI(args=["fit", *quiet_args(tmp_path / "run", config=config), "--trainer.fast_dev_run=true",
+    cli = ZooCLI(args=["fit", *quiet_args(tmp_path / "run", config=config), "--trainer.fast_dev_run=true",
                  f"--data.init_args.root={data}", "--data.init_args.num_workers=0", "--data.init_args.batch_size=4",
                  "--trainer.precision=32-true", *extra])  # fp16/bf16 autocast is a GPU setting; CPU runs fp32 here
+    assert cli.trainer.global_step == 1  # one real optimizer step on the fixture batch
+    assert cli.model.hparams.num_classes == cli.datamodule.num_classes == 10
