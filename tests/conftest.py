@@ -70,3 +70,58 @@ def write_image_folder(root: Path, classes=("cat", "dog"), per_class: int = 3, s
             for i in range(per_class):
                 Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(d / f"{i}.jpg")
     return root
+
+
+def write_omniglot(root: Path, alphabets: dict | None = None, drawers: int = 6, size: int = 105) -> Path:
+    """A tiny Omniglot in the release layout: images_background/ and images_evaluation/, 1-bit PNGs named
+    ``<CCCC>_<DD>.png``; each character is a fixed random polyline, each drawer jitters it."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    alphabets = alphabets or {"images_background": {"Alpha": 4, "Beta": 4, "Gamma": 3},
+                              "images_evaluation": {"Delta": 4, "Epsilon": 3}}
+    number = 0
+    for folder, chars in alphabets.items():
+        for alphabet, n_chars in chars.items():
+            for c in range(1, n_chars + 1):
+                number += 1
+                rng = np.random.default_rng(number)
+                points = rng.uniform(0.15, 0.85, (4, 2)) * size
+                d = root / folder / alphabet / f"character{c:02d}"
+                d.mkdir(parents=True)
+                for drawer in range(1, drawers + 1):
+                    img = Image.new("1", (size, size), 1)
+                    jitter = points + rng.normal(0, 2, points.shape)
+                    ImageDraw.Draw(img).line([tuple(p) for p in jitter], fill=0, width=4)
+                    img.save(d / f"{number:04d}_{drawer:02d}.png")
+    return root
+
+
+def write_closerlook(root: Path, classes: dict | None = None, per_class: int = 6, size=(40, 48)) -> Path:
+    """CloserLook split files base.json / val.json / novel.json over real JPEGs, labels global across splits
+    (as CloserLook's write_*_filelist.py writes them); image paths relative to ``root``."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    classes = classes or {"base": 6, "val": 5, "novel": 5}
+    rng = np.random.default_rng(0)
+    label_names, label = [], 0
+    for split, n in classes.items():
+        names, labels = [], []
+        for _ in range(n):
+            wnid = f"n{label:08d}"
+            label_names.append(wnid)
+            d = root / "images" / wnid
+            d.mkdir(parents=True)
+            colour = rng.integers(0, 255, 3)
+            for i in range(per_class):
+                pixels = np.clip(colour + rng.normal(0, 30, (*size, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(d / f"{wnid}_{i}.jpg")
+                names.append(f"images/{wnid}/{wnid}_{i}.jpg")
+                labels.append(label)
+            label += 1
+        (root / f"{split}.json").write_text(json.dumps({"label_names": label_names, "image_names": names,
+                                                        "image_labels": labels}))
+    return root

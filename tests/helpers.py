@@ -1,8 +1,11 @@
 """Models used only by tests (importable by class_path because tests/ is on sys.path)."""
 
+import json
+from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch.callbacks import Callback
 
 from zoo.classification.classifier import ImageClassifier
 
@@ -17,3 +20,23 @@ class NaNAtStep(ImageClassifier):
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         loss = super().training_step(batch, batch_idx)
         return loss * float("nan") if self.global_step == self.nan_at_step else loss
+
+
+class RecordEpisodes(Callback):
+    """Writes each rank's episode classes to ``<out>/episodes_rank<r>.json``:
+    ``{"train": [[class ids], ...], "test": [...], "world_size": n}``."""
+
+    def __init__(self, out: str) -> None:
+        self.out = Path(out)
+        self.seen: dict = {"train": [], "test": []}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.seen["train"].append(batch[2].tolist())
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        self.seen["test"].append(batch[2].tolist())
+
+    def on_test_end(self, trainer, pl_module):
+        self.out.mkdir(parents=True, exist_ok=True)
+        path = self.out / f"episodes_rank{trainer.global_rank}.json"
+        path.write_text(json.dumps({**self.seen, "world_size": trainer.world_size}))

@@ -37,3 +37,19 @@ def test_quickstart_notebook_executes(tmp_path):
     text = "".join(o.get("text", "") for o in outputs)
     accuracy = float(re.search(r"test accuracy: ([0-9.]+)", text).group(1))
     assert accuracy > 0.9
+
+
+def test_protonet_on_glyphs_beats_both_baselines_on_novel_classes(tmp_path):
+    # A short run of the embedded few-shot default: 2 epochs, 200 test episodes of 5-way 1-shot on unseen alphabets.
+    result = run_zoo("fit", "-c", str(ROOT / "configs" / "fewshot" / "protonet_glyphs.yaml"),
+                     f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=false",
+                     "--trainer.enable_progress_bar=false", "--trainer.max_epochs=2",
+                     f"--data.init_args.root={tmp_path / 'glyphs'}",
+                     "--data.init_args.test_episodes=[{n_way: 5, k_shot: 1, n_query: 15, episodes: 200}]",
+                     "--trainer.callbacks=[{class_path: zoo.fewshot.callbacks.EpisodeBaselines}]", timeout=1200)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = {name: float(value) for name, value in re.findall(r"^\s*(\S+)\s+([0-9.]+)\s*$", result.stdout, re.M)}
+    ours, ci = metrics["test/acc_5way1shot"], metrics["test/ci95_5way1shot"]
+    for baseline in ("pixels", "random"):
+        other = metrics[f"test/baseline_{baseline}_acc_5way1shot"]
+        assert ours - ci > other + metrics[f"test/baseline_{baseline}_ci95_5way1shot"], metrics

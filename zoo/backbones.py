@@ -96,6 +96,9 @@ class ConvNet(nn.Module):
         widths: output channels of each block.
         convs_per_block: conv layers per block.
         num_pools: blocks followed by max-pooling (counted from the first); default: all of them.
+        padding: conv padding, one value for all blocks or one per block (RelationNet's Conv-4 uses ``[0, 0, 1, 1]``).
+        bn_running_stats: ``False`` makes BatchNorm always normalise with the current batch's statistics, in
+            training and evaluation alike (MAML's "transductive" BN, as in Finn et al.'s code).
     """
 
     def __init__(
@@ -104,14 +107,20 @@ class ConvNet(nn.Module):
         widths: Sequence[int] = (64, 64, 64, 64),
         convs_per_block: int = 1,
         num_pools: Optional[int] = None,
+        padding: int | Sequence[int] = 1,
+        bn_running_stats: bool = True,
     ) -> None:
         super().__init__()
         num_pools = len(widths) if num_pools is None else num_pools
+        paddings = [padding] * len(widths) if isinstance(padding, int) else list(padding)
+        if len(paddings) != len(widths):
+            raise ValueError(f"padding has {len(paddings)} entries for {len(widths)} blocks")
         layers: list[nn.Module] = []
         channels = in_chans
         for i, width in enumerate(widths):
             for _ in range(convs_per_block):
-                layers += [nn.Conv2d(channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
+                layers += [nn.Conv2d(channels, width, 3, padding=paddings[i], bias=False),
+                           nn.BatchNorm2d(width, track_running_stats=bn_running_stats), nn.ReLU(inplace=True)]
                 channels = width
             if i < num_pools:
                 layers.append(nn.MaxPool2d(2))
@@ -121,3 +130,37 @@ class ConvNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(x)
+
+
+class ResNet(nn.Module):
+    """The ResNet-10/18/34 of "A Closer Look at Few-shot Classification" (Chen et al. 2019), built from torchvision.
+
+    torchvision's ``ResNet`` with ``BasicBlock`` is CloserLook's ``ResNet``/``SimpleBlock`` (7×7/2 stem, max-pool,
+    four stages of 64–512 channels, 1×1 projection shortcuts); depth 10 is one block per stage. ``pooled=True``
+    returns the globally averaged ``(B, 512, 1, 1)`` (512-d once flattened), ``pooled=False`` the ``(B, 512, 7, 7)``
+    map at 224×224 (RelationNet).
+
+    Args:
+        depth: 10, 18 or 34.
+        in_chans: input channels.
+        pooled: global-average-pool the last map.
+    """
+
+    blocks = {10: [1, 1, 1, 1], 18: [2, 2, 2, 2], 34: [3, 4, 6, 3]}
+
+    def __init__(self, depth: int = 18, in_chans: int = 3, pooled: bool = True) -> None:
+        super().__init__()
+        from torchvision.models.resnet import BasicBlock, ResNet as TorchvisionResNet
+
+        if depth not in self.blocks:
+            raise ValueError(f"depth must be one of {sorted(self.blocks)}, got {depth}")
+        net = TorchvisionResNet(BasicBlock, self.blocks[depth])
+        if in_chans != 3:
+            net.conv1 = nn.Conv2d(in_chans, 64, 7, stride=2, padding=3, bias=False)
+        self.features = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3,
+                                      net.layer4)
+        self.pool = nn.AdaptiveAvgPool2d(1) if pooled else nn.Identity()
+        self.out_channels, self.reduction = 512, 32
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.features(x))

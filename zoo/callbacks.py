@@ -9,19 +9,42 @@ from __future__ import annotations
 import fnmatch
 import logging
 from datetime import timedelta
-from typing import Any, Optional
+from pathlib import Path
+from typing import Any, Optional, Sequence
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
+from torchvision.utils import make_grid, save_image
 
 from zoo.checkpoint import load_weights
 
-__all__ = ["LearningRateLogger", "LastCheckpoint", "NonFiniteLossError", "NonFiniteLossGuard", "FineTuning"]
+__all__ = ["log_images", "LearningRateLogger", "LastCheckpoint", "NonFiniteLossError", "NonFiniteLossGuard", "FineTuning"]
 
 log = logging.getLogger(__name__)
+
+
+def log_images(trainer: "L.Trainer", key: str, images: torch.Tensor, captions: Sequence[str], png_name: str,
+               nrow: Optional[int] = None) -> None:
+    """Send images ``(B, 3, H, W)`` in [0, 1] to the run's loggers: W&B as a captioned list, TensorBoard as a grid;
+    with neither (or no logger) write a PNG grid to ``<default_root_dir>/<png_name>``."""
+    nrow = nrow or len(images)
+    logged = False
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            arrays = [(x.permute(1, 2, 0).numpy() * 255).round().astype("uint8") for x in images]
+            logger.log_image(key=key, images=arrays, caption=list(captions), step=trainer.global_step)
+            logged = True
+        elif isinstance(logger, TensorBoardLogger):
+            logger.experiment.add_image(key, make_grid(images, nrow=nrow), trainer.global_step)
+            logged = True
+    if not logged:
+        out = Path(trainer.default_root_dir) / png_name
+        out.parent.mkdir(parents=True, exist_ok=True)
+        save_image(images, out, nrow=nrow)
 
 
 class LearningRateLogger(LearningRateMonitor):

@@ -20,16 +20,15 @@ class ``c`` lies, at the resolution of the last feature map. Any zoo model expos
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
-from torchvision.utils import make_grid, save_image
+
+from zoo.callbacks import log_images
 
 __all__ = ["class_activation_maps", "normalize_maps", "colorize", "overlay_maps", "CAMLogger"]
 
@@ -133,19 +132,4 @@ class CAMLogger(Callback):
             f"label {names[int(t)]} / pred {names[int(p)]} ({float(probs[i, p]):.2f})"
             for i, (t, p) in enumerate(zip(labels.tolist(), preds.tolist()))
         ]
-        self._log(trainer, overlays, captions)
-
-    def _log(self, trainer: "L.Trainer", overlays: torch.Tensor, captions: Sequence[str]) -> None:
-        logged = False
-        for logger in trainer.loggers:
-            if isinstance(logger, WandbLogger):
-                arrays = [(o.permute(1, 2, 0).numpy() * 255).round().astype("uint8") for o in overlays]
-                logger.log_image(key="val/cam", images=arrays, caption=list(captions), step=trainer.global_step)
-                logged = True
-            elif isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_image("val/cam", make_grid(overlays, nrow=len(overlays)), trainer.global_step)
-                logged = True
-        if not logged:
-            out = Path(trainer.default_root_dir) / "cam" / f"epoch={trainer.current_epoch:03d}.png"
-            out.parent.mkdir(parents=True, exist_ok=True)
-            save_image(overlays, out, nrow=len(overlays))
+        log_images(trainer, "val/cam", overlays, captions, png_name=f"cam/epoch={trainer.current_epoch:03d}.png")

@@ -1,0 +1,658 @@
+"""Few-shot data: episodic (N-way, K-shot, Q-query) loading of Omniglot, the CloserLook json splits and glyphs.
+
+Every few-shot method in ``zoo/fewshot`` reads the same episode: an ``Episode(support, query, classes)`` with
+``support: (N, K, C, H, W)``, ``query: (N, Q, C, H, W)`` and the split's class ids ``classes: (N,)``. Row ``i`` of
+``support`` and ``query`` is episode class ``i``, so the query labels are implicit:
+``arange(N).repeat_interleave(Q)`` (the class-major layout of CloserLook's ``SetDataset``).
+
+Episodes come from ``EpisodicBatchSampler``, which draws all of its randomness in the main process from an explicit
+``torch.Generator`` (never from worker RNGs, which duplicate episodes across workers: ProtoNet's loader comment) and
+shards episodes across DDP ranks itself:
+
+- training episodes are drawn from a generator seeded with ``(seed, epoch, rank)``, so ranks see different episodes
+  and ``set_epoch`` (Lightning calls it every epoch) gives new ones;
+- validation/test episodes are a fixed list, episode ``e`` drawn from a generator seeded with ``(seed, e)`` only, and
+  rank ``r`` runs ``episodes[r::world_size]``: the union over ranks is the same 600 episodes for any world size, so
+  numbers are reproducible (CloserLook draws new validation episodes every epoch, which makes selection noisy).
+
+Baseline/Baseline++ pre-train on plain batches: ``train_mode="batch"`` swaps the training sampler for
+``ClassBalancedBatchSampler``.
+
+On-disk formats:
+
+- ``OmniglotDataModule``: ``images_background/`` and ``images_evaluation/`` of brendenlake/omniglot (one folder per
+  alphabet, one per character, 20 PNGs each); rotations by multiples of 90° are new classes (Vinyals et al. 2016).
+  Split: background alphabets are base classes except the last ``val_alphabets`` (validation), evaluation alphabets
+  are novel; or the Vinyals split files ``train.txt``/``val.txt``/``test.txt`` (``Alphabet/characterNN/rotDDD``).
+- ``CloserLookDataModule``: ``base.json``, ``val.json``, ``novel.json`` as written by CloserLook's
+  ``write_*_filelist.py`` (``label_names``, ``image_names``, ``image_labels``), for miniImageNet and CUB.
+- ``GlyphsDataModule``: writes a procedural glyph set (``datamodules.glyphs``) in Omniglot's layout once, then reads it
+  through ``OmniglotDataModule``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, NamedTuple, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision.transforms import v2
+
+from datamodules.base import DatasetNotFoundError, ZooDataModule, read_image, require_path
+from datamodules.classification import IMAGENET_MEAN, IMAGENET_STD
+
+__all__ = [
+    "Episode",
+    "EpisodeSetting",
+    "EpisodicBatchSampler",
+    "ClassBalancedBatchSampler",
+    "EpisodeCollate",
+    "FewShotImageDataset",
+    "FewShotDataModule",
+    "OmniglotDataModule",
+    "CloserLookDataModule",
+    "GlyphsDataModule",
+]
+
+
+class Episode(NamedTuple):
+    """One few-shot task; row ``i`` of ``support``/``query`` holds episode class ``i`` (global id ``classes[i]``)."""
+
+    support: torch.Tensor  # (N, K, C, H, W)
+    query: torch.Tensor  # (N, Q, C, H, W)
+    classes: torch.Tensor  # (N,)
+
+
+@dataclass(frozen=True)
+class EpisodeSetting:
+    """An episode shape and how many episodes to draw (per epoch for training; in total for evaluation)."""
+
+    n_way: int = 5
+    k_shot: int = 1
+    n_query: int = 15
+    episodes: int = 600
+
+    @property
+    def name(self) -> str:
+        return f"{self.n_way}way{self.k_shot}shot"
+
+
+def _dist_rank_world(rank: Optional[int], world_size: Optional[int]) -> tuple[int, int]:
+    if world_size is None:
+        world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if rank is None:
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside world size {world_size}")
+    return rank, world_size
+
+
+def _invert(image: torch.Tensor) -> torch.Tensor:
+    return 1.0 - image
+
+
+def _generator(*key: int) -> torch.Generator:
+    # Python's hash of an int tuple is deterministic across processes (no hash randomisation for ints).
+    return torch.Generator().manual_seed(hash(key) & 0x7FFF_FFFF_FFFF_FFFF)
+
+
+class EpisodicBatchSampler(Sampler[list[int]]):
+    """Yields episodes as lists of ``n_way · (k_shot + n_query)`` dataset indices, class-major.
+
+    For episode class ``j`` the indices ``[j·(K+Q), j·(K+Q)+K)`` are its support, the next ``Q`` its queries; images
+    are drawn without replacement within a class, so support and query never share an image. Classes with fewer than
+    ``K + Q`` images are left out (with a warning).
+
+    Args:
+        labels: class id of every dataset item.
+        n_way, k_shot, n_query: the episode shape.
+        episodes: training: episodes per epoch over all ranks (each rank draws ``episodes // world_size``);
+            ``fixed``: the total number of evaluation episodes, split over ranks as ``[rank::world_size]``.
+        seed: base seed.
+        fixed: evaluation mode (the same episodes every epoch and for every world size).
+        rank, world_size: default to the initialised process group (or 0 and 1).
+    """
+
+    def __init__(
+        self,
+        labels: torch.Tensor | Sequence[int],
+        n_way: int,
+        k_shot: int,
+        n_query: int,
+        episodes: int,
+        seed: int = 0,
+        fixed: bool = False,
+        rank: Optional[int] = None,
+        world_size: Optional[int] = None,
+    ) -> None:
+        labels = torch.as_tensor(labels, dtype=torch.int64)
+        self.n_way, self.k_shot, self.n_query = n_way, k_shot, n_query
+        self.episodes, self.seed, self.fixed = episodes, seed, fixed
+        self.rank, self.world_size = _dist_rank_world(rank, world_size)
+        self.epoch = 0
+        classes, counts = labels.unique(return_counts=True)
+        per_class = k_shot + n_query
+        if (counts < per_class).any():
+            rank_zero_warn(f"{int((counts < per_class).sum())} classes have fewer than k_shot + n_query = {per_class} "
+                           "images and are never drawn")
+        self.classes = classes[counts >= per_class]
+        if len(self.classes) < n_way:
+            raise ValueError(f"{n_way}-way episodes need {n_way} classes with ≥ {per_class} images each; the split "
+                             f"has {len(self.classes)}")
+        # members[c, i]: dataset index of the i-th image of class c; padded with -1 up to the largest class
+        order = torch.argsort(labels, stable=True)
+        sorted_labels = labels[order]
+        keep = torch.isin(sorted_labels, self.classes)
+        order, sorted_labels = order[keep], sorted_labels[keep]
+        class_pos = torch.searchsorted(self.classes, sorted_labels)
+        counts = torch.bincount(class_pos, minlength=len(self.classes))
+        starts = torch.cumsum(counts, 0) - counts
+        within = torch.arange(len(order)) - starts[class_pos]
+        self.members = torch.full((len(self.classes), int(counts.max())), -1, dtype=torch.int64)
+        self.members[class_pos, within] = order
+        self.counts = counts
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        if self.fixed:
+            return len(range(self.rank, self.episodes, self.world_size))
+        return self.episodes // self.world_size
+
+    def _draw(self, generator: torch.Generator) -> list[int]:
+        chosen = torch.randperm(len(self.classes), generator=generator)[: self.n_way]
+        # a random key per member, +inf on padding: the K+Q smallest keys are a uniform draw without replacement
+        keys = torch.rand(self.n_way, self.members.shape[1], generator=generator)
+        keys[self.members[chosen] < 0] = math.inf
+        picks = keys.argsort(dim=1)[:, : self.k_shot + self.n_query]
+        return self.members[chosen].gather(1, picks).flatten().tolist()
+
+    def __iter__(self) -> Iterator[list[int]]:
+        if self.fixed:
+            for episode in range(self.rank, self.episodes, self.world_size):
+                yield self._draw(_generator(self.seed, episode))
+        else:
+            generator = _generator(self.seed, self.epoch, self.rank)
+            for _ in range(len(self)):
+                yield self._draw(generator)
+
+
+class ClassBalancedBatchSampler(Sampler[list[int]]):
+    """Plain batches for pre-training (Baseline/Baseline++) in which every class appears equally often.
+
+    Each epoch shuffles the images of every class and interleaves the classes round-robin (class order shuffled per
+    round), so any ``num_classes`` consecutive items hold one image of each class that still has images left. The
+    stream is cut into batches and batch ``b`` goes to rank ``b % world_size``; every rank gets the same number of
+    batches (the tail is dropped), as DDP needs.
+    """
+
+    def __init__(
+        self,
+        labels: torch.Tensor | Sequence[int],
+        batch_size: int,
+        seed: int = 0,
+        rank: Optional[int] = None,
+        world_size: Optional[int] = None,
+    ) -> None:
+        self.labels = torch.as_tensor(labels, dtype=torch.int64)
+        self.batch_size, self.seed = batch_size, seed
+        self.rank, self.world_size = _dist_rank_world(rank, world_size)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.labels) // (self.batch_size * self.world_size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        g = _generator(self.seed, self.epoch)  # the same stream on every rank; ranks take disjoint batches
+        n = len(self.labels)
+        shuffled = torch.randperm(n, generator=g)
+        labels = self.labels[shuffled]
+        # position of each item within its class (after shuffling), then a random class order inside each round
+        by_class = torch.argsort(labels, stable=True)
+        sorted_labels = labels[by_class]
+        first = torch.searchsorted(sorted_labels, sorted_labels, right=False)
+        within = torch.empty(n, dtype=torch.int64)
+        within[by_class] = torch.arange(n) - first
+        class_rank = torch.randperm(int(self.labels.max()) + 1, generator=g)[labels]
+        stream = shuffled[torch.argsort(within * (int(self.labels.max()) + 1) + class_rank)]
+        batches = stream[: len(self) * self.world_size * self.batch_size].view(-1, self.batch_size)
+        for batch in batches[self.rank :: self.world_size]:
+            yield batch.tolist()
+
+
+class EpisodeCollate:
+    """Stacks an episode's ``N·(K+Q)`` ``(image, label)`` items into an ``Episode``."""
+
+    def __init__(self, n_way: int, k_shot: int, n_query: int) -> None:
+        self.n_way, self.k_shot, self.n_query = n_way, k_shot, n_query
+
+    def __call__(self, items: list[tuple[torch.Tensor, int]]) -> Episode:
+        images = torch.stack([image for image, _ in items])
+        images = images.view(self.n_way, self.k_shot + self.n_query, *images.shape[1:])
+        labels = torch.as_tensor([label for _, label in items]).view(self.n_way, -1)
+        if not (labels == labels[:, :1]).all():
+            raise RuntimeError("episode rows mix classes: the sampler and collate disagree on the episode shape")
+        return Episode(images[:, : self.k_shot], images[:, self.k_shot :], labels[:, 0])
+
+
+class FewShotImageDataset(Dataset):
+    """Images on disk with a class id each; an optional rotation (multiple of 90°) per item.
+
+    ``cache=True`` decodes and resizes every file once (as uint8) and keeps it in memory: Omniglot-sized sets fit in
+    a few MB and episodes then cost no disk reads. Rotations are exact (``torch.rot90``) and applied after the cache.
+    """
+
+    def __init__(
+        self,
+        files: Sequence[Path],
+        file_index: torch.Tensor,
+        labels: torch.Tensor,
+        rotations: torch.Tensor,
+        load: Callable[[Path], torch.Tensor],
+        finish: Callable[[torch.Tensor], torch.Tensor],
+        cache: Optional[torch.Tensor] = None,
+    ) -> None:
+        self.files, self.file_index, self.labels, self.rotations = list(files), file_index, labels, rotations
+        self.load, self.finish, self.cache = load, finish, cache
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        f = int(self.file_index[i])
+        image = self.cache[f] if self.cache is not None else self.load(self.files[f])
+        k = int(self.rotations[i]) // 90
+        if k:
+            image = torch.rot90(image, k, dims=(-2, -1))
+        return self.finish(image), int(self.labels[i])
+
+
+@dataclass
+class _Split:
+    """A split as lists: per class its files and rotation; built by the format-specific subclasses."""
+
+    class_names: list[str]
+    class_files: list[list[Path]]
+    class_rotations: list[int]
+
+
+class FewShotDataModule(ZooDataModule):
+    """Episodic loaders over base (train), val and novel (test) classes; subclasses read the on-disk formats.
+
+    Args:
+        image_size: square side the images are resized to (84 for Conv-4 on miniImageNet, 224 for ResNets,
+            28 for Omniglot).
+        channels: 1 (grey) or 3 (RGB).
+        train_episodes: the training episode shape, ``episodes`` per epoch (CloserLook: 5-way, 16 queries, 100).
+        val_episodes: the fixed validation episodes (model selection on ``val/acc``).
+        test_episodes: one fixed test set per setting; each is its own test dataloader and its accuracy is logged
+            as ``test/acc_<N>way<K>shot`` with ``test/ci95_<N>way<K>shot`` (600 episodes, 15 queries: CloserLook).
+        train_mode: ``episodic``, or ``batch`` for plain class-balanced batches of ``batch_size`` over the base
+            classes (Baseline/Baseline++ pre-training).
+        augment: CloserLook's training augmentation (random resized crop, colour jitter, flip) for RGB data.
+        cache: decode and resize all images once and keep them in memory (small datasets such as Omniglot).
+        seed: seed of the episode samplers (independent of the training seed).
+        batch_size: the plain-batch size of ``train_mode="batch"``.
+        num_workers, pin_memory: see ``ZooDataModule``.
+    """
+
+    mean: Optional[tuple[float, ...]] = None
+    std: Optional[tuple[float, ...]] = None
+
+    def __init__(
+        self,
+        image_size: int = 84,
+        channels: int = 3,
+        train_episodes: EpisodeSetting = EpisodeSetting(5, 5, 16, 100),
+        val_episodes: EpisodeSetting = EpisodeSetting(5, 5, 15, 100),
+        test_episodes: Sequence[EpisodeSetting] = (EpisodeSetting(5, 1, 15, 600), EpisodeSetting(5, 5, 15, 600)),
+        train_mode: str = "episodic",
+        augment: bool = False,
+        cache: bool = False,
+        seed: int = 0,
+        batch_size: int = 16,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+    ) -> None:
+        super().__init__(batch_size, None, num_workers, pin_memory)
+        if channels not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3, got {channels}")
+        if train_mode not in ("episodic", "batch"):
+            raise ValueError(f"train_mode must be 'episodic' or 'batch', got {train_mode!r}")
+        self.image_size, self.channels = image_size, channels
+        self.train_episodes, self.val_episodes = train_episodes, val_episodes
+        self.test_episodes = list(test_episodes)
+        names = [s.name for s in self.test_episodes]
+        if len(set(names)) != len(names):
+            raise ValueError(f"test_episodes repeat a setting: {names}")
+        self.train_mode, self.augment, self.cache, self.seed = train_mode, augment, cache, seed
+        if cache and augment:
+            raise ValueError("cache=True stores resized images and cannot be combined with augment=True")
+        self.splits: dict[str, _Split] = {}
+        self.datasets: dict[str, FewShotImageDataset] = {}
+
+    # ---- format-specific ----
+    def read_splits(self) -> dict[str, _Split]:
+        """Return ``{"train": ..., "val": ..., "test": ...}``; raise ``DatasetNotFoundError`` if anything is missing."""
+        raise NotImplementedError
+
+    #: grey images with dark strokes on white (Omniglot) are inverted so strokes are 1 and padding matches background
+    invert: bool = False
+
+    # ---- shared ----
+    @property
+    def num_classes(self) -> Optional[int]:
+        """Number of base (training) classes, once known."""
+        return len(self.splits["train"].class_names) if "train" in self.splits else None
+
+    def _load_image(self, path: Path) -> torch.Tensor:
+        image = read_image(path, "L" if self.channels == 1 else "RGB")
+        return self.resize(v2.functional.pil_to_tensor(image))
+
+    def resize(self, image: torch.Tensor) -> torch.Tensor:
+        if self.channels == 3:  # CloserLook's evaluation transform: resize to 1.15× then centre-crop
+            image = v2.functional.resize(image, [int(self.image_size * 1.15)] * 2, antialias=True)
+            return v2.functional.center_crop(image, [self.image_size] * 2)
+        return v2.functional.resize(image, [self.image_size] * 2, antialias=True)
+
+    def _finish(self, train: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+        steps: list[Callable] = [v2.ToDtype(torch.float32, scale=True)]
+        if self.invert:
+            steps.append(_invert)
+        if self.mean is not None:
+            steps.append(v2.Normalize(self.mean, self.std))
+        return v2.Compose(steps)
+
+    def _train_load(self, path: Path) -> torch.Tensor:
+        image = read_image(path, "L" if self.channels == 1 else "RGB")
+        augment = v2.Compose([
+            v2.RandomResizedCrop(self.image_size, antialias=True),
+            v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4),
+            v2.RandomHorizontalFlip(),
+            v2.PILToTensor(),
+        ])
+        return augment(image)
+
+    def _build(self, split: _Split, label_offset: int, train: bool, cache: Optional[torch.Tensor],
+               files: list[Path], file_id: dict[Path, int]) -> FewShotImageDataset:
+        file_index, labels, rotations = [], [], []
+        for c, (paths, rotation) in enumerate(zip(split.class_files, split.class_rotations)):
+            file_index += [file_id[p] for p in paths]
+            labels += [label_offset + c] * len(paths)
+            rotations += [rotation] * len(paths)
+        load = self._train_load if (train and self.augment) else self._load_image
+        return FewShotImageDataset(files, torch.tensor(file_index), torch.tensor(labels), torch.tensor(rotations),
+                                   load, self._finish(train), cache)
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        if self.datasets:
+            return
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None and trainer.world_size > 1 and trainer._accelerator_connector.use_distributed_sampler:
+            raise RuntimeError("few-shot samplers shard episodes across ranks themselves: set "
+                               "`trainer.use_distributed_sampler: false` (the few-shot configs do)")
+        self.splits = self.read_splits()
+        files = sorted({p for s in self.splits.values() for paths in s.class_files for p in paths})
+        missing = [p for p in files if not p.is_file()]
+        if missing:
+            raise DatasetNotFoundError(f"{len(missing)} image(s) listed by the split are missing, e.g. '{missing[0]}'")
+        file_id = {p: i for i, p in enumerate(files)}
+        cache = None
+        if self.cache:
+            rank_zero_info(f"decoding {len(files)} images into memory ({self.image_size}×{self.image_size})")
+            cache = torch.stack([self._load_image(p) for p in files])
+        # labels are contiguous within each split (0..C-1 on base classes, for the pre-training classifier)
+        for name, split in self.splits.items():
+            self.datasets[name] = self._build(split, 0, name == "train", cache, files, file_id)
+        self.train_set, self.val_set = self.datasets["train"], self.datasets["val"]
+        self.test_set = self.datasets["test"]
+
+    def class_names(self, split: str) -> list[str]:
+        return self.splits[split].class_names
+
+    def _episodic_loader(self, dataset: FewShotImageDataset, setting: EpisodeSetting, fixed: bool,
+                         seed: int) -> DataLoader:
+        sampler = EpisodicBatchSampler(dataset.labels, setting.n_way, setting.k_shot, setting.n_query,
+                                       setting.episodes, seed=seed, fixed=fixed)
+        return DataLoader(dataset, batch_sampler=sampler, collate_fn=EpisodeCollate(setting.n_way, setting.k_shot,
+                          setting.n_query), num_workers=self.num_workers, pin_memory=self.pin_memory,
+                          persistent_workers=self.num_workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        if self.train_mode == "batch":
+            sampler = ClassBalancedBatchSampler(self.train_set.labels, self.batch_size, seed=self.seed)
+            return DataLoader(self.train_set, batch_sampler=sampler, num_workers=self.num_workers,
+                              pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0)
+        return self._episodic_loader(self.train_set, self.train_episodes, fixed=False, seed=self.seed)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._episodic_loader(self.val_set, self.val_episodes, fixed=True, seed=self.seed + 1)
+
+    def test_dataloader(self) -> list[DataLoader]:
+        # the same seed for every setting: 5-way 1-shot episodes start from the same draws as 5-way 5-shot ones
+        return [self._episodic_loader(self.test_set, s, fixed=True, seed=self.seed + 2) for s in self.test_episodes]
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.test_dataloader()[0]
+
+
+_OMNIGLOT_LAYOUT = """\
+  <root>/images_background/<Alphabet>/character<NN>/<CCCC>_<DD>.png   (30 alphabets, 964 characters)
+  <root>/images_evaluation/<Alphabet>/character<NN>/<CCCC>_<DD>.png   (20 alphabets, 659 characters)
+  optional <split_dir>/{train,val,test}.txt with lines 'Alphabet/characterNN/rotDDD' (Vinyals split)"""
+
+
+class OmniglotDataModule(FewShotDataModule):
+    """Omniglot (Lake et al. 2015) in its release layout, characters × rotations as classes.
+
+    Args:
+        root: folder holding ``images_background/`` and ``images_evaluation/``.
+        rotations: rotations (degrees, multiples of 90) that make new classes (Vinyals et al.: 0, 90, 180, 270).
+        val_alphabets: the last (sorted) background alphabets held out as validation classes.
+        split_dir: folder with the Vinyals split files; overrides the background/evaluation split.
+        image_size, channels, ...: see ``FewShotDataModule`` (defaults: 28×28 grey, cached in memory).
+    """
+
+    invert = True
+
+    def __init__(
+        self,
+        root: str = "data/omniglot",
+        rotations: Sequence[int] = (0, 90, 180, 270),
+        val_alphabets: int = 5,
+        split_dir: Optional[str] = None,
+        image_size: int = 28,
+        channels: int = 1,
+        train_episodes: EpisodeSetting = EpisodeSetting(5, 5, 15, 100),
+        val_episodes: EpisodeSetting = EpisodeSetting(5, 1, 15, 200),
+        test_episodes: Sequence[EpisodeSetting] = (EpisodeSetting(5, 1, 15, 600), EpisodeSetting(5, 5, 15, 600),
+                                                   EpisodeSetting(20, 1, 15, 600)),
+        train_mode: str = "episodic",
+        augment: bool = False,
+        cache: bool = True,
+        seed: int = 0,
+        batch_size: int = 16,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+    ) -> None:
+        super().__init__(image_size, channels, train_episodes, val_episodes, test_episodes, train_mode, augment,
+                         cache, seed, batch_size, num_workers, pin_memory)
+        if any(r % 90 for r in rotations) or not rotations:
+            raise ValueError(f"rotations must be multiples of 90 degrees, got {list(rotations)}")
+        self.root, self.rotations = Path(root), [int(r) % 360 for r in rotations]
+        self.val_alphabets, self.split_dir = val_alphabets, split_dir
+
+    def _characters(self, folder: str) -> list[Path]:
+        base = require_path(self.root / folder, "Omniglot", _OMNIGLOT_LAYOUT,
+                            "https://github.com/brendenlake/omniglot (python/images_*.zip), or GlyphsDataModule")
+        return sorted(c for a in sorted(base.iterdir()) if a.is_dir() for c in sorted(a.iterdir()) if c.is_dir())
+
+    def _split_from(self, characters: list[Path], rotations: Sequence[int]) -> _Split:
+        names, files, rots = [], [], []
+        for char in characters:
+            pngs = sorted(char.glob("*.png"))
+            if not pngs:
+                raise DatasetNotFoundError(f"Omniglot character folder '{char}' has no PNG files")
+            for r in rotations:
+                names.append(f"{char.parent.name}/{char.name}/rot{r:03d}")
+                files.append(pngs)
+                rots.append(r)
+        return _Split(names, files, rots)
+
+    def read_splits(self) -> dict[str, _Split]:
+        background = self._characters("images_background")
+        evaluation = self._characters("images_evaluation")
+        if self.split_dir is not None:
+            return self._vinyals_splits(background + evaluation)
+        alphabets = sorted({c.parent.name for c in background})
+        if not 0 < self.val_alphabets < len(alphabets):
+            raise ValueError(f"val_alphabets={self.val_alphabets} must leave base alphabets ({len(alphabets)} found)")
+        val_names = set(alphabets[-self.val_alphabets:])
+        return {
+            "train": self._split_from([c for c in background if c.parent.name not in val_names], self.rotations),
+            "val": self._split_from([c for c in background if c.parent.name in val_names], self.rotations),
+            "test": self._split_from(evaluation, self.rotations),
+        }
+
+    def _vinyals_splits(self, characters: list[Path]) -> dict[str, _Split]:
+        by_name = {f"{c.parent.name}/{c.name}": c for c in characters}
+        splits = {}
+        for split, file in (("train", "train.txt"), ("val", "val.txt"), ("test", "test.txt")):
+            path = require_path(Path(self.split_dir) / file, "Omniglot Vinyals split file", _OMNIGLOT_LAYOUT,
+                                "jakesnell/prototypical-networks data/omniglot/splits/vinyals/")
+            names, files, rots = [], [], []
+            for line in path.read_text().split():
+                char_name, rot = line.rsplit("/", 1)
+                if char_name not in by_name:
+                    raise DatasetNotFoundError(f"'{path}' lists '{char_name}', which is in neither images folder")
+                names.append(line)
+                files.append(sorted(by_name[char_name].glob("*.png")))
+                rots.append(int(rot.removeprefix("rot")))
+            splits[split] = _Split(names, files, rots)
+        return splits
+
+
+_CLOSERLOOK_LAYOUT = """\
+  <root>/base.json, <root>/val.json, <root>/novel.json, each
+    {"label_names": [...], "image_names": ["<path>.jpg", ...], "image_labels": [<int>, ...]}
+  image paths absolute or relative to <root> (CloserLookFewShot filelists/<dataset>/write_*_filelist.py)"""
+
+
+class CloserLookDataModule(FewShotDataModule):
+    """The CloserLookFewShot split files (Chen et al. 2019) for miniImageNet, CUB or any image set.
+
+    Args:
+        root: folder holding ``base.json``, ``val.json`` and ``novel.json``.
+        image_size, channels, ...: see ``FewShotDataModule`` (defaults: 84×84 RGB with ImageNet normalisation).
+    """
+
+    mean, std = IMAGENET_MEAN, IMAGENET_STD
+
+    def __init__(
+        self,
+        root: str = "data/miniImagenet",
+        image_size: int = 84,
+        channels: int = 3,
+        train_episodes: EpisodeSetting = EpisodeSetting(5, 5, 16, 100),
+        val_episodes: EpisodeSetting = EpisodeSetting(5, 5, 15, 100),
+        test_episodes: Sequence[EpisodeSetting] = (EpisodeSetting(5, 1, 15, 600), EpisodeSetting(5, 5, 15, 600)),
+        train_mode: str = "episodic",
+        augment: bool = True,
+        cache: bool = False,
+        seed: int = 0,
+        batch_size: int = 16,
+        num_workers: int = 4,
+        pin_memory: bool = True,
+    ) -> None:
+        super().__init__(image_size, channels, train_episodes, val_episodes, test_episodes, train_mode, augment,
+                         cache, seed, batch_size, num_workers, pin_memory)
+        self.root = Path(root)
+        if channels == 1:
+            self.mean, self.std = None, None
+
+    def read_splits(self) -> dict[str, _Split]:
+        splits = {}
+        for split, file in (("train", "base.json"), ("val", "val.json"), ("test", "novel.json")):
+            path = require_path(self.root / file, "CloserLook split file", _CLOSERLOOK_LAYOUT,
+                                "CloserLookFewShot filelists/<dataset>/download_<dataset>.sh")
+            try:
+                meta = json.loads(path.read_text())
+                names, labels, label_names = meta["image_names"], meta["image_labels"], meta["label_names"]
+            except (json.JSONDecodeError, KeyError) as err:
+                raise ValueError(f"'{path}' is not a CloserLook split file ({err!r}); expected\n{_CLOSERLOOK_LAYOUT}")
+            if len(names) != len(labels):
+                raise ValueError(f"'{path}': {len(names)} image_names but {len(labels)} image_labels")
+            by_label: dict[int, list[Path]] = {}
+            for name, label in zip(names, labels):
+                by_label.setdefault(int(label), []).append(Path(name) if os.path.isabs(name) else self.root / name)
+            ordered = sorted(by_label)
+            splits[split] = _Split([str(label_names[c]) for c in ordered], [by_label[c] for c in ordered],
+                                   [0] * len(ordered))
+        return splits
+
+
+class GlyphsDataModule(OmniglotDataModule):
+    """The embedded default: a procedural glyph alphabet (``datamodules.glyphs``) in Omniglot's layout.
+
+    The set is written to ``root`` on first use (deterministic from ``glyph_seed``; about 20 s) and read back by
+    the Omniglot loader. Background alphabets minus ``val_alphabets`` are base classes, evaluation alphabets novel.
+
+    Args:
+        root: where the glyph set is written.
+        background_alphabets, evaluation_alphabets, characters_per_alphabet, drawers, glyph_seed: the generator's
+            parameters (see ``datamodules.glyphs.write_glyph_omniglot``).
+        rotations, val_alphabets, ...: see ``OmniglotDataModule``.
+    """
+
+    def __init__(
+        self,
+        root: str = "data/glyphs",
+        background_alphabets: int = 24,
+        evaluation_alphabets: int = 8,
+        characters_per_alphabet: int = 15,
+        drawers: int = 20,
+        glyph_seed: int = 0,
+        rotations: Sequence[int] = (0,),
+        val_alphabets: int = 4,
+        image_size: int = 28,
+        channels: int = 1,
+        train_episodes: EpisodeSetting = EpisodeSetting(5, 5, 15, 100),
+        val_episodes: EpisodeSetting = EpisodeSetting(5, 1, 15, 200),
+        test_episodes: Sequence[EpisodeSetting] = (EpisodeSetting(5, 1, 15, 600), EpisodeSetting(5, 5, 15, 600),
+                                                   EpisodeSetting(20, 1, 15, 600)),
+        train_mode: str = "episodic",
+        cache: bool = True,
+        seed: int = 0,
+        batch_size: int = 16,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+    ) -> None:
+        super().__init__(root, rotations, val_alphabets, None, image_size, channels, train_episodes, val_episodes,
+                         test_episodes, train_mode, False, cache, seed, batch_size, num_workers, pin_memory)
+        self.glyph_args = dict(background_alphabets=background_alphabets, evaluation_alphabets=evaluation_alphabets,
+                               characters_per_alphabet=characters_per_alphabet, drawers=drawers, seed=glyph_seed)
+
+    @property
+    def num_classes(self) -> int:
+        a = self.glyph_args
+        return (a["background_alphabets"] - self.val_alphabets) * a["characters_per_alphabet"] * len(self.rotations)
+
+    def prepare_data(self) -> None:
+        from datamodules.glyphs import write_glyph_omniglot
+
+        write_glyph_omniglot(self.root, **self.glyph_args)
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        self.prepare_data()  # idempotent (cached by a marker file); covers use without a Trainer
+        super().setup(stage)

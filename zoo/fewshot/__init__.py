@@ -1,0 +1,1 @@
+"""Few-shot classification: Siamese, Matching Networks, ProtoNet, RelationNet, MAML, Baseline/Baseline++."""

@@ -1,0 +1,182 @@
+"""What every few-shot method shares: the episode contract, per-episode accuracy with a 95 % CI, and the Lightning
+loop around a method's ``episode_logits``.
+
+An episode is ``(support (N, K, C, H, W), query (N, Q, C, H, W), classes (N,))`` (``datamodules.fewshot.Episode``);
+query labels are implicit, ``arange(N).repeat_interleave(Q)``. A method implements
+``episode_logits(support, query) -> (N·Q, N)`` scores whose argmax is the prediction, and ``episode_loss`` if its
+loss is not cross-entropy on those scores. Evaluation follows "A Closer Look at Few-shot Classification"
+(Chen et al. 2019): accuracy in % per episode, reported as ``mean ± 1.96·std/√n`` over the episodes (numpy's std,
+ddof = 0), 600 test episodes with 15 queries per class.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["query_targets", "episode_accuracy", "mean_ci95", "EpisodeAccuracies", "EpisodicModule"]
+
+
+def query_targets(n_way: int, n_query: int, device: Optional[torch.device] = None) -> torch.Tensor:
+    """Episode-local labels of the flattened query set: ``[0]*Q + [1]*Q + ... + [N-1]*Q``."""
+    return torch.arange(n_way, device=device).repeat_interleave(n_query)
+
+
+def episode_accuracy(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Accuracy in % of one episode's predictions."""
+    return (scores.argmax(-1) == targets).float().mean() * 100
+
+
+def mean_ci95(accuracies: torch.Tensor) -> tuple[float, float]:
+    """Mean and 95 % confidence half-width ``1.96·std/√n`` (population std, as CloserLook and Finn et al. report)."""
+    accuracies = accuracies.double()
+    return float(accuracies.mean()), float(1.96 * accuracies.std(unbiased=False) / math.sqrt(len(accuracies)))
+
+
+class EpisodeAccuracies:
+    """Per-episode accuracies of one evaluation setting, gathered over DDP ranks without duplicates or padding.
+
+    Each rank records ``(global episode index, accuracy)``; ``compute`` all-gathers (ranks may hold one episode more
+    than others: the fixed episodes are split ``[rank::world_size]``), drops the padding and sorts by episode, so the
+    result equals the single-process one.
+    """
+
+    def __init__(self) -> None:
+        self.index: list[int] = []
+        self.value: list[torch.Tensor] = []
+
+    def update(self, episode: int, accuracy: torch.Tensor) -> None:
+        self.index.append(episode)
+        self.value.append(accuracy.detach().float().reshape(()))
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def compute(self, module: L.LightningModule) -> torch.Tensor:
+        device = module.device
+        index = torch.tensor(self.index, dtype=torch.long, device=device)
+        value = torch.stack(self.value).to(device) if self.value else torch.zeros(0, device=device)
+        world = module.trainer.world_size if module._trainer is not None else 1
+        if world > 1:
+            longest = int(module.all_gather(torch.tensor(len(index), device=device)).max())
+            pad = longest - len(index)
+            index = torch.cat([index, index.new_full((pad,), -1)])
+            value = torch.cat([value, value.new_zeros(pad)])
+            index, value = module.all_gather(index).flatten(), module.all_gather(value).flatten()
+        keep = index >= 0
+        order = index[keep].argsort()
+        return value[keep][order].cpu()
+
+    def reset(self) -> None:
+        self.index.clear()
+        self.value.clear()
+
+
+class EpisodicModule(L.LightningModule):
+    """Base LightningModule of the episodic methods: trains on one episode per step, evaluates on fixed episodes.
+
+    Logs ``train/loss``, ``train/acc`` (%), ``val/acc`` (mean over the fixed validation episodes, gathered over
+    ranks), and for every test setting ``test/acc_<N>way<K>shot`` and ``test/ci95_<N>way<K>shot``.
+
+    Args:
+        backbone: the embedding network ``f``: images ``(B, C, H, W)`` → features (flattened by ``embed``).
+        feature_dim: size of the flattened features (Conv-4: 1600 at 84×84, 64 at 28×28); checked on the first batch.
+        lr: Adam learning rate (CloserLook: 1e-3, no schedule); a CLI ``optimizer:`` overrides it.
+    """
+
+    def __init__(self, backbone: nn.Module, feature_dim: int, lr: float = 1e-3) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.feature_dim, self.lr = feature_dim, lr
+        self.val_accuracies = EpisodeAccuracies()
+        self.test_accuracies: dict[str, EpisodeAccuracies] = {}
+
+    # ---- the method's part ----
+    def episode_logits(self, support: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+        """Scores ``(N·Q, N)`` of every query against every episode class."""
+        raise NotImplementedError
+
+    def episode_loss(self, scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(scores, targets)
+
+    # ---- shared ----
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Flattened features ``(B, feature_dim)`` of images ``(B, C, H, W)``."""
+        features = self.backbone(images).flatten(1)
+        if features.shape[1] != self.feature_dim:
+            raise ValueError(f"the backbone gives {features.shape[1]}-d features for {tuple(images.shape[1:])} "
+                             f"images, but feature_dim={self.feature_dim}: set `model.init_args.feature_dim: "
+                             f"{features.shape[1]}`")
+        return features
+
+    def embed_episode(self, support: torch.Tensor, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One backbone pass over support and query: ``(N, K, D)`` and ``(N·Q, D)``."""
+        n_way, k_shot = support.shape[:2]
+        features = self.embed(torch.cat([support.flatten(0, 1), query.flatten(0, 1)]))
+        return features[: n_way * k_shot].view(n_way, k_shot, -1), features[n_way * k_shot :]
+
+    def forward(self, support: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+        return self.episode_logits(support, query)
+
+    def _scores_and_targets(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        support, query, _ = batch
+        scores = self.episode_logits(support, query)
+        return scores, query_targets(query.shape[0], query.shape[1], scores.device)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        scores, targets = self._scores_and_targets(batch)
+        loss = self.episode_loss(scores, targets)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/acc", episode_accuracy(scores, targets), prog_bar=True)
+        return loss
+
+    def evaluate_episode(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scores and targets of an evaluation episode (Baseline and MAML adapt here with gradients enabled)."""
+        return self._scores_and_targets(batch)
+
+    def _episode_index(self, batch_idx: int) -> int:
+        # the fixed evaluation sampler gives rank r the episodes r, r + world, r + 2·world, ...
+        return self.global_rank + batch_idx * self.trainer.world_size
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        scores, targets = self.evaluate_episode(batch)
+        self.val_accuracies.update(self._episode_index(batch_idx), episode_accuracy(scores, targets))
+
+    def on_validation_epoch_end(self) -> None:
+        accuracies = self.val_accuracies.compute(self)
+        self.val_accuracies.reset()
+        if len(accuracies):
+            mean, ci95 = mean_ci95(accuracies)
+            self.log("val/acc", mean, prog_bar=True, rank_zero_only=False)  # identical on every rank after gather
+            self.log("val/ci95", ci95)
+
+    def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, torch.Tensor]:
+        scores, targets = self.evaluate_episode(batch)
+        support = batch[0]
+        setting = f"{support.shape[0]}way{support.shape[1]}shot"
+        accuracy = episode_accuracy(scores, targets)
+        self.test_accuracies.setdefault(setting, EpisodeAccuracies()).update(self._episode_index(batch_idx), accuracy)
+        return {"scores": scores.detach(), "accuracy": accuracy, "setting": setting}
+
+    def on_test_epoch_end(self) -> None:
+        for setting, store in sorted(self.test_accuracies.items()):
+            accuracies = store.compute(self)
+            mean, ci95 = mean_ci95(accuracies)
+            self.log(f"test/acc_{setting}", mean, add_dataloader_idx=False)
+            self.log(f"test/ci95_{setting}", ci95, add_dataloader_idx=False)
+            self.log(f"test/episodes_{setting}", float(len(accuracies)), add_dataloader_idx=False)
+        self.test_accuracies.clear()
+
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, torch.Tensor]:
+        """Predicted global class of every query of the episode, ``(N, Q)``."""
+        scores, _ = self.evaluate_episode(batch)
+        support, query, classes = batch
+        return {"classes": classes, "predicted": classes[scores.argmax(-1)].view(query.shape[:2])}
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=self.lr)
