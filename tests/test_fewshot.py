@@ -440,9 +440,9 @@ def test_fewshot_config_fast_dev_run_on_its_format(config, tmp_path):
 
     if config.stem.endswith("_glyphs"):
         data = [f"--data.init_args.root={tmp_path / 'glyphs'}", "--data.init_args.background_alphabets=3",
-                "--data.init_args.evaluation_alphabets=2", "--data.init_args.characters_per_alphabet=4",
+                "--data.init_args.evaluation_alphabets=1", "--data.init_args.characters_per_alphabet=5",
                 "--data.init_args.drawers=5", "--data.init_args.val_alphabets=1"]
-        base_classes = 8
+        base_classes = 10
     elif config.stem.endswith("_omniglot"):
         data, base_classes = _vinyals_fixture(tmp_path)
     else:
