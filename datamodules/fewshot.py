@@ -366,7 +366,7 @@ class FewShotDataModule(ZooDataModule):
             return v2.functional.center_crop(image, [self.image_size] * 2)
         return v2.functional.resize(image, [self.image_size] * 2, antialias=True)
 
-    def _finish(self, train: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+    def _finish(self) -> Callable[[torch.Tensor], torch.Tensor]:
         steps: list[Callable] = [v2.ToDtype(torch.float32, scale=True)]
         if self.invert:
             steps.append(_invert)
@@ -384,16 +384,16 @@ class FewShotDataModule(ZooDataModule):
         ])
         return augment(image)
 
-    def _build(self, split: _Split, label_offset: int, train: bool, cache: Optional[torch.Tensor],
+    def _build(self, split: _Split, train: bool, cache: Optional[torch.Tensor],
                files: list[Path], file_id: dict[Path, int]) -> FewShotImageDataset:
         file_index, labels, rotations = [], [], []
         for c, (paths, rotation) in enumerate(zip(split.class_files, split.class_rotations)):
             file_index += [file_id[p] for p in paths]
-            labels += [label_offset + c] * len(paths)
+            labels += [c] * len(paths)
             rotations += [rotation] * len(paths)
         load = self._train_load if (train and self.augment) else self._load_image
         return FewShotImageDataset(files, torch.tensor(file_index), torch.tensor(labels), torch.tensor(rotations),
-                                   load, self._finish(train), cache)
+                                   load, self._finish(), cache)
 
     def setup(self, stage: Optional[str] = None) -> None:
         if self.datasets:
@@ -414,7 +414,7 @@ class FewShotDataModule(ZooDataModule):
             cache = torch.stack([self._load_image(p) for p in files])
         # labels are contiguous within each split (0..C-1 on base classes, for the pre-training classifier)
         for name, split in self.splits.items():
-            self.datasets[name] = self._build(split, 0, name == "train", cache, files, file_id)
+            self.datasets[name] = self._build(split, name == "train", cache, files, file_id)
         self.train_set, self.val_set = self.datasets["train"], self.datasets["val"]
         self.test_set = self.datasets["test"]
 
