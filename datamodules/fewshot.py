@@ -16,7 +16,7 @@ shards episodes across DDP ranks itself:
   numbers are reproducible (CloserLook draws new validation episodes every epoch, which makes selection noisy).
 
 Baseline/Baseline++ pre-train on plain batches: ``train_mode="batch"`` swaps the training sampler for
-``ClassBalancedBatchSampler``.
+``datamodules.sampler.ClassBalancedBatchSampler``.
 
 On-disk formats:
 
@@ -40,19 +40,18 @@ from pathlib import Path
 from typing import Callable, Iterator, NamedTuple, Optional, Sequence
 
 import torch
-import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import v2
 
 from datamodules.base import DatasetNotFoundError, ZooDataModule, read_image, require_path
 from datamodules.classification import IMAGENET_MEAN, IMAGENET_STD
+from datamodules.sampler import ClassBalancedBatchSampler, dist_rank_world, seeded_generator
 
 __all__ = [
     "Episode",
     "EpisodeSetting",
     "EpisodicBatchSampler",
-    "ClassBalancedBatchSampler",
     "EpisodeCollate",
     "FewShotImageDataset",
     "FewShotDataModule",
@@ -84,23 +83,8 @@ class EpisodeSetting:
         return f"{self.n_way}way{self.k_shot}shot"
 
 
-def _dist_rank_world(rank: Optional[int], world_size: Optional[int]) -> tuple[int, int]:
-    if world_size is None:
-        world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    if rank is None:
-        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is outside world size {world_size}")
-    return rank, world_size
-
-
 def _invert(image: torch.Tensor) -> torch.Tensor:
     return 1.0 - image
-
-
-def _generator(*key: int) -> torch.Generator:
-    # Python's hash of an int tuple is deterministic across processes (no hash randomisation for ints).
-    return torch.Generator().manual_seed(hash(key) & 0x7FFF_FFFF_FFFF_FFFF)
 
 
 class EpisodicBatchSampler(Sampler[list[int]]):
@@ -135,7 +119,7 @@ class EpisodicBatchSampler(Sampler[list[int]]):
         labels = torch.as_tensor(labels, dtype=torch.int64)
         self.n_way, self.k_shot, self.n_query = n_way, k_shot, n_query
         self.episodes, self.seed, self.fixed = episodes, seed, fixed
-        self.rank, self.world_size = _dist_rank_world(rank, world_size)
+        self.rank, self.world_size = dist_rank_world(rank, world_size)
         self.epoch = 0
         classes, counts = labels.unique(return_counts=True)
         per_class = k_shot + n_query
@@ -178,57 +162,11 @@ class EpisodicBatchSampler(Sampler[list[int]]):
     def __iter__(self) -> Iterator[list[int]]:
         if self.fixed:
             for episode in range(self.rank, self.episodes, self.world_size):
-                yield self._draw(_generator(self.seed, episode))
+                yield self._draw(seeded_generator(self.seed, episode))
         else:
-            generator = _generator(self.seed, self.epoch, self.rank)
+            generator = seeded_generator(self.seed, self.epoch, self.rank)
             for _ in range(len(self)):
                 yield self._draw(generator)
-
-
-class ClassBalancedBatchSampler(Sampler[list[int]]):
-    """Plain batches for pre-training (Baseline/Baseline++) in which every class appears equally often.
-
-    Each epoch shuffles the images of every class and interleaves the classes round-robin (class order shuffled per
-    round), so any ``num_classes`` consecutive items hold one image of each class that still has images left. The
-    stream is cut into batches and batch ``b`` goes to rank ``b % world_size``; every rank gets the same number of
-    batches (the tail is dropped), as DDP needs.
-    """
-
-    def __init__(
-        self,
-        labels: torch.Tensor | Sequence[int],
-        batch_size: int,
-        seed: int = 0,
-        rank: Optional[int] = None,
-        world_size: Optional[int] = None,
-    ) -> None:
-        self.labels = torch.as_tensor(labels, dtype=torch.int64)
-        self.batch_size, self.seed = batch_size, seed
-        self.rank, self.world_size = _dist_rank_world(rank, world_size)
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.labels) // (self.batch_size * self.world_size)
-
-    def __iter__(self) -> Iterator[list[int]]:
-        g = _generator(self.seed, self.epoch)  # the same stream on every rank; ranks take disjoint batches
-        n = len(self.labels)
-        shuffled = torch.randperm(n, generator=g)
-        labels = self.labels[shuffled]
-        # position of each item within its class (after shuffling), then a random class order inside each round
-        by_class = torch.argsort(labels, stable=True)
-        sorted_labels = labels[by_class]
-        first = torch.searchsorted(sorted_labels, sorted_labels, right=False)
-        within = torch.empty(n, dtype=torch.int64)
-        within[by_class] = torch.arange(n) - first
-        class_rank = torch.randperm(int(self.labels.max()) + 1, generator=g)[labels]
-        stream = shuffled[torch.argsort(within * (int(self.labels.max()) + 1) + class_rank)]
-        batches = stream[: len(self) * self.world_size * self.batch_size].view(-1, self.batch_size)
-        for batch in batches[self.rank :: self.world_size]:
-            yield batch.tolist()
 
 
 class EpisodeCollate:

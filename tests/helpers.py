@@ -40,3 +40,19 @@ class RecordEpisodes(Callback):
         self.out.mkdir(parents=True, exist_ok=True)
         path = self.out / f"episodes_rank{trainer.global_rank}.json"
         path.write_text(json.dumps({**self.seen, "world_size": trainer.world_size}))
+
+
+class RecordBatchLabels(Callback):
+    """Writes each rank's training-batch labels to ``<out>/labels_rank<r>.json``: ``{"train": [[...], ...]}``."""
+
+    def __init__(self, out: str) -> None:
+        self.out = Path(out)
+        self.seen: list = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.seen.append(batch[1].tolist())
+
+    def on_train_end(self, trainer, pl_module):
+        self.out.mkdir(parents=True, exist_ok=True)
+        path = self.out / f"labels_rank{trainer.global_rank}.json"
+        path.write_text(json.dumps({"train": self.seen, "world_size": trainer.world_size}))

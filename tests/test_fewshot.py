@@ -9,8 +9,8 @@ from torch import nn
 
 from conftest import ROOT, run_zoo, write_closerlook, write_omniglot
 from datamodules.base import DatasetNotFoundError
-from datamodules.fewshot import (ClassBalancedBatchSampler, CloserLookDataModule, EpisodeSetting,
-                                 EpisodicBatchSampler, OmniglotDataModule)
+from datamodules.fewshot import CloserLookDataModule, EpisodeSetting, EpisodicBatchSampler, OmniglotDataModule
+from datamodules.sampler import ClassBalancedBatchSampler
 from zoo.backbones import ConvNet
 from zoo.fewshot.baseline import Baseline, CosineClassifier
 from zoo.fewshot.episodic import EpisodeAccuracies, mean_ci95, query_targets

@@ -7,7 +7,7 @@ foundation's demo, fine-tuning and scaling tests run on. The optimizer and sched
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import lightning as L
 import torch

@@ -1,0 +1,76 @@
+"""BalancedClassSampler: batch shape, no duplicates, disjoint DDP shards, equal batch counts, reshuffling."""
+
+import warnings
+
+import pytest
+import torch
+
+from datamodules.sampler import BalancedClassSampler
+
+UNEVEN = torch.tensor([0] * 5 + [1] * 4 + [2] * 9 + [3] * 4 + [4] * 2 + [5] * 7 + [6] * 12 + [7] * 6)
+
+
+def _epochs(sampler, epochs=4):
+    out = []
+    for epoch in range(epochs):
+        sampler.set_epoch(epoch)
+        out.append(list(sampler))
+    return out
+
+
+def test_every_batch_is_p_classes_by_k_distinct_images():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sampler = BalancedClassSampler(UNEVEN, classes_per_batch=3, images_per_class=4)
+    for batches in _epochs(sampler):
+        assert len(batches) == len(sampler) == (len(UNEVEN) - 2) // 12  # class 4 (2 images) is left out
+        for batch in batches:
+            assert len(batch) == 12 and len(set(batch)) == 12
+            labels = UNEVEN[batch].view(3, 4)
+            assert (labels == labels[:, :1]).all() and len(set(labels[:, 0].tolist())) == 3
+            assert 4 not in labels.tolist()
+
+
+def test_small_classes_are_left_out_with_a_warning_and_too_few_classes_is_an_error():
+    with pytest.warns(UserWarning, match="1 of 8 classes have fewer than 4"):
+        BalancedClassSampler(UNEVEN, 2, 4)
+    with pytest.raises(ValueError, match="needs 8 classes"):
+        BalancedClassSampler(torch.arange(6).repeat_interleave(4), 4, 4, rank=0, world_size=2)
+
+
+def test_ranks_get_disjoint_classes_and_the_same_number_of_batches():
+    labels = torch.arange(10).repeat_interleave(torch.tensor([4, 5, 6, 7, 8, 9, 10, 11, 12, 13]))
+    ranks = [BalancedClassSampler(labels, 2, 3, seed=5, rank=r, world_size=2) for r in range(2)]
+    assert len(ranks[0]) == len(ranks[1]) == len(labels) // 12
+    for epoch in range(3):
+        for sampler in ranks:
+            sampler.set_epoch(epoch)
+        batches = [list(s) for s in ranks]
+        assert len(batches[0]) == len(batches[1])
+        for b0, b1 in zip(*batches):
+            assert not set(labels[b0].tolist()) & set(labels[b1].tolist())
+
+
+def test_one_pass_uses_each_image_once_and_epochs_reshuffle():
+    labels = torch.arange(6).repeat_interleave(8)  # 48 images, 2 classes × 4 per batch → 6 batches = one pass
+    sampler = BalancedClassSampler(labels, 2, 4, seed=1)
+    first, second = _epochs(sampler, 2)
+    flat = [i for b in first for i in b]
+    # classes are drawn at random, so a class can come up a third time (and start a new pass) before another's
+    # second time; but within a pass a class never repeats an image
+    per_class = {c: [i for i in flat if labels[i] == c] for c in range(6)}
+    for images in per_class.values():
+        for start in range(0, len(images), 8):
+            chunk = images[start : start + 8]
+            assert len(set(chunk)) == len(chunk)
+    assert first != second
+    sampler.set_epoch(0)
+    assert list(sampler) == first  # same (seed, epoch) → same batches
+
+
+def test_a_class_of_exactly_k_images_wraps_with_a_new_shuffle():
+    labels = torch.tensor([0] * 4 + [1] * 4)
+    sampler = BalancedClassSampler(labels, 1, 4, seed=3)
+    sampler.set_epoch(0)
+    batches = list(sampler)
+    assert len(batches) == 2 and all(sorted(b) in ([0, 1, 2, 3], [4, 5, 6, 7]) for b in batches)

@@ -1,0 +1,1 @@
+"""Fine-grained classification: API-Net."""
