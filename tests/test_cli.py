@@ -1,5 +1,3 @@
-from pathlib import Path
-
 import pytest
 
 from conftest import DIGITS, ROOT, quiet_args, run_zoo, write_cifar10, write_image_folder

@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from conftest import DIGITS, ROOT, quiet_args, run_zoo
+from conftest import ROOT, quiet_args, run_zoo
 from zoo.callbacks import NonFiniteLossError
 from zoo.cli import ZooCLI
 

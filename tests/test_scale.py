@@ -4,7 +4,7 @@ import math
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from conftest import ROOT, quiet_args, run_zoo
+from conftest import quiet_args, run_zoo
 from zoo.cli import ZooCLI
 
 
