@@ -10,7 +10,7 @@ Episodes come from ``EpisodicBatchSampler``, which draws all of its randomness i
 shards episodes across DDP ranks itself:
 
 - training episodes are drawn from a generator seeded with ``(seed, epoch, rank)``, so ranks see different episodes
-  and ``set_epoch`` (Lightning calls it every epoch) gives new ones;
+  and ``set_epoch`` (Lightning calls it every epoch, see ``EpochBatchSampler``) gives new ones;
 - validation/test episodes are a fixed list, episode ``e`` drawn from a generator seeded with ``(seed, e)`` only, and
   rank ``r`` runs ``episodes[r::world_size]``: the union over ranks is the same 600 episodes for any world size, so
   numbers are reproducible (CloserLook draws new validation episodes every epoch, which makes selection noisy).
@@ -41,12 +41,12 @@ from typing import Callable, Iterator, NamedTuple, Optional, Sequence
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
 from datamodules.base import DatasetNotFoundError, ZooDataModule, read_image, require_path
 from datamodules.classification import IMAGENET_MEAN, IMAGENET_STD
-from datamodules.sampler import ClassBalancedBatchSampler, dist_rank_world, seeded_generator
+from datamodules.sampler import ClassBalancedBatchSampler, EpochBatchSampler, dist_rank_world, seeded_generator
 
 __all__ = [
     "Episode",
@@ -87,7 +87,7 @@ def _invert(image: torch.Tensor) -> torch.Tensor:
     return 1.0 - image
 
 
-class EpisodicBatchSampler(Sampler[list[int]]):
+class EpisodicBatchSampler(EpochBatchSampler):
     """Yields episodes as lists of ``n_way · (k_shot + n_query)`` dataset indices, class-major.
 
     For episode class ``j`` the indices ``[j·(K+Q), j·(K+Q)+K)`` are its support, the next ``Q`` its queries; images
@@ -142,9 +142,6 @@ class EpisodicBatchSampler(Sampler[list[int]]):
         self.members = torch.full((len(self.classes), int(counts.max())), -1, dtype=torch.int64)
         self.members[class_pos, within] = order
         self.counts = counts
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
 
     def __len__(self) -> int:
         if self.fixed:

@@ -4,10 +4,11 @@
 triplet loss (Hermans et al. 2017) and API-Net's ``BalancedBatchSampler`` (Zhuang et al. 2020, 30 × 4 on CUB): a
 loss that mines a same-class partner for every image needs at least two images of each class in the batch.
 
-Both samplers here are DDP-aware on their own: every rank builds the same epoch from ``(seed, epoch)`` and takes its
+The samplers here are DDP-aware on their own: every rank builds the same epoch from ``(seed, epoch)`` and takes its
 share, and every rank gets the same number of batches (otherwise one rank would wait forever in a collective). Use
 them with ``trainer.use_distributed_sampler: false``; Lightning cannot wrap a batch sampler in a
-``DistributedSampler`` anyway. Lightning calls ``set_epoch`` on a loader's ``batch_sampler`` at every epoch.
+``DistributedSampler`` anyway. They derive from ``EpochBatchSampler`` so that Lightning's per-epoch ``set_epoch``
+reaches them.
 """
 
 from __future__ import annotations
@@ -19,7 +20,10 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
-__all__ = ["BalancedClassSampler", "ClassBalancedBatchSampler", "dist_rank_world", "seeded_generator"]
+__all__ = [
+    "EpochBatchSampler", "BalancedClassSampler", "ClassBalancedBatchSampler", "ShardedRandomBatchSampler",
+    "dist_rank_world", "seeded_generator",
+]
 
 
 def dist_rank_world(rank: Optional[int], world_size: Optional[int]) -> tuple[int, int]:
@@ -39,7 +43,26 @@ def seeded_generator(*key: int) -> torch.Generator:
     return torch.Generator().manual_seed(hash(key) & 0x7FFF_FFFF_FFFF_FFFF)
 
 
-class BalancedClassSampler(Sampler[list[int]]):
+class EpochBatchSampler(Sampler[list[int]]):
+    """Base of the zoo's batch samplers: ``set_epoch(epoch)`` selects the epoch's batches.
+
+    Lightning's fit loop calls ``set_epoch`` on ``loader.sampler`` and on ``loader.batch_sampler.sampler``, never on
+    the batch sampler itself (``lightning.fabric.utilities.data._set_sampler_epoch``); without a ``sampler``
+    attribute a batch sampler would replay epoch 0's batches in every epoch. ``sampler`` is therefore the batch
+    sampler itself.
+    """
+
+    epoch: int = 0
+
+    @property
+    def sampler(self) -> "EpochBatchSampler":
+        return self
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+
+class BalancedClassSampler(EpochBatchSampler):
     """Batches of ``classes_per_batch`` distinct classes × ``images_per_class`` distinct images each.
 
     Every step draws ``world_size × classes_per_batch`` distinct classes uniformly (so ranks hold disjoint classes
@@ -97,9 +120,6 @@ class BalancedClassSampler(Sampler[list[int]]):
         self._chunks = self._counts // images_per_class  # K-image slots per pass through a class
         self._num_items = int(self._counts.sum())
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
     def __len__(self) -> int:
         return self._num_items // (self.classes_per_batch * self.images_per_class * self.world_size)
 
@@ -148,7 +168,7 @@ class BalancedClassSampler(Sampler[list[int]]):
         yield from self._epoch_batches()[:, self.rank].tolist()
 
 
-class ClassBalancedBatchSampler(Sampler[list[int]]):
+class ClassBalancedBatchSampler(EpochBatchSampler):
     """Plain batches (pre-training, e.g. Baseline/Baseline++) in which every class appears equally often.
 
     Each epoch shuffles the images of every class and interleaves the classes round-robin (class order shuffled per
@@ -170,9 +190,6 @@ class ClassBalancedBatchSampler(Sampler[list[int]]):
         self.rank, self.world_size = dist_rank_world(rank, world_size)
         self.epoch = 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
     def __len__(self) -> int:
         return len(self.labels) // (self.batch_size * self.world_size)
 
@@ -192,3 +209,72 @@ class ClassBalancedBatchSampler(Sampler[list[int]]):
         batches = stream[: len(self) * self.world_size * self.batch_size].view(-1, self.batch_size)
         for batch in batches[self.rank :: self.world_size]:
             yield batch.tolist()
+
+
+class ShardedRandomBatchSampler(EpochBatchSampler):
+    """Exactly ``num_batches`` random batches of ``batch_size`` per epoch, sharded across DDP ranks.
+
+    Semi-supervised training draws a labeled and an unlabeled batch at every step from sets of very different sizes;
+    giving both streams the same ``num_batches`` keeps them in lock-step without Lightning cycling the shorter one.
+
+    The epoch's index stream is built identically on every rank from ``(seed, epoch)``: one fresh permutation of
+    ``range(num_items)`` per pass (seeded by ``(seed, epoch, pass)``), concatenated and cut into steps of
+    ``batch_size × world_size``; rank ``r`` takes the ``r``-th slice of every step. So ranks never share an item
+    within a step, within one pass every item is used once, and every rank gets the same number of batches.
+
+    A step that straddles two passes (a 50-image labeled set in batches of 16 does every few steps) would hold the
+    items both ends have in common twice; the head of the new pass swaps them with later items of that pass, so
+    when ``num_items ≥ batch_size × world_size`` every step, hence every batch, holds distinct items. With fewer
+    items than a step that is impossible and a step (possibly a batch) repeats items across the pass boundary.
+
+    The work is one ``randperm`` per pass (a loop over passes, never over samples).
+
+    Args:
+        num_items: dataset size.
+        batch_size: items per batch on each rank.
+        num_batches: batches per epoch on each rank (``__len__``).
+        seed: with the epoch (``set_epoch``), fixes the stream; the same on every rank.
+        rank, world_size: this process's shard (default: from ``torch.distributed``, else a single process).
+    """
+
+    def __init__(
+        self,
+        num_items: int,
+        batch_size: int,
+        num_batches: int,
+        seed: int = 0,
+        rank: Optional[int] = None,
+        world_size: Optional[int] = None,
+    ) -> None:
+        if num_items < 1 or batch_size < 1 or num_batches < 1:
+            raise ValueError(f"need num_items, batch_size, num_batches ≥ 1, got {num_items}, {batch_size}, {num_batches}")
+        self.num_items, self.batch_size, self.num_batches, self.seed = num_items, batch_size, num_batches, seed
+        self.rank, self.world_size = dist_rank_world(rank, world_size)
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def _epoch_stream(self) -> torch.Tensor:
+        """``(num_batches, world_size, batch_size)`` indices of the whole epoch, the same on every rank."""
+        n, step = self.num_items, self.batch_size * self.world_size
+        needed = step * self.num_batches
+        passes: list[torch.Tensor] = []
+        filled = 0
+        for p in range(-(-needed // n)):
+            perm = torch.randperm(n, generator=seeded_generator(self.seed, self.epoch, p))
+            tail = filled % step  # items of the previous pass already in the step that this pass completes
+            if tail and n >= step:
+                # Swap the new pass's head items that the step already holds with later, unheld items of the pass.
+                held = torch.zeros(n, dtype=torch.bool)
+                held[passes[-1][-tail:]] = True
+                head = step - tail
+                clash = torch.nonzero(held[perm[:head]]).flatten()
+                free = head + torch.nonzero(~held[perm[head:]]).flatten()[: len(clash)]
+                perm[clash], perm[free] = perm[free], perm[clash]  # advanced indexing copies the right side
+            passes.append(perm)
+            filled += n
+        return torch.cat(passes)[:needed].view(self.num_batches, self.world_size, self.batch_size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        yield from self._epoch_stream()[:, self.rank].tolist()

@@ -56,3 +56,26 @@ class RecordBatchLabels(Callback):
         self.out.mkdir(parents=True, exist_ok=True)
         path = self.out / f"labels_rank{trainer.global_rank}.json"
         path.write_text(json.dumps({"train": self.seen, "world_size": trainer.world_size}))
+
+
+class RecordSemiSupRank(Callback):
+    """Writes ``<out>/semisup_rank<r>.json``: the labeled and unlabeled indices-by-label seen per step (the image sums,
+    which identify images), each logged ``train/mpl_h``, and a checksum of every parameter and buffer at the end."""
+
+    def __init__(self, out: str) -> None:
+        self.out = Path(out)
+        self.images: list = []
+        self.h: list = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        (weak, _), _ = batch["unlabeled"]
+        self.images.append([round(float(x), 4) for x in weak.flatten(1).sum(1)])
+        if "train/mpl_h" in trainer.callback_metrics:
+            self.h.append(float(trainer.callback_metrics["train/mpl_h"]))
+
+    def on_train_end(self, trainer, pl_module):
+        self.out.mkdir(parents=True, exist_ok=True)
+        state = {k: float(v.double().sum()) for k, v in pl_module.state_dict().items()}
+        path = self.out / f"semisup_rank{trainer.global_rank}.json"
+        path.write_text(json.dumps({"images": self.images, "h": self.h, "state": state,
+                                    "world_size": trainer.world_size}))

@@ -5,7 +5,7 @@ import warnings
 import pytest
 import torch
 
-from datamodules.sampler import BalancedClassSampler
+from datamodules.sampler import BalancedClassSampler, ShardedRandomBatchSampler
 
 UNEVEN = torch.tensor([0] * 5 + [1] * 4 + [2] * 9 + [3] * 4 + [4] * 2 + [5] * 7 + [6] * 12 + [7] * 6)
 
@@ -74,3 +74,70 @@ def test_a_class_of_exactly_k_images_wraps_with_a_new_shuffle():
     sampler.set_epoch(0)
     batches = list(sampler)
     assert len(batches) == 2 and all(sorted(b) in ([0, 1, 2, 3], [4, 5, 6, 7]) for b in batches)
+
+
+def test_lightning_reaches_every_batch_sampler_so_epochs_differ():
+    # Lightning calls set_epoch on loader.sampler / loader.batch_sampler.sampler only; EpochBatchSampler routes it.
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    from datamodules.fewshot import EpisodicBatchSampler
+    from datamodules.sampler import BalancedClassSampler, ClassBalancedBatchSampler
+
+    labels = torch.arange(40) % 4
+    samplers = [BalancedClassSampler(labels, 2, 2, seed=0), ClassBalancedBatchSampler(labels, 8, seed=0),
+                EpisodicBatchSampler(labels, 2, 1, 1, episodes=5, seed=0), ShardedRandomBatchSampler(40, 8, 5, seed=0)]
+    for sampler in samplers:
+        seen: list[list[int]] = []
+
+        class Record(L.LightningModule):
+            def __init__(self) -> None:
+                super().__init__()
+                self.layer = torch.nn.Linear(1, 1)
+
+            def training_step(self, batch, batch_idx):
+                if batch_idx == 0:
+                    seen.append(batch.tolist())
+                return self.layer(batch.float()[:, None]).sum()
+
+            def configure_optimizers(self):
+                return torch.optim.SGD(self.parameters(), 0.0)
+
+        loader = DataLoader(list(range(40)), batch_sampler=sampler)
+        L.Trainer(max_epochs=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                  enable_model_summary=False, accelerator="cpu").fit(Record(), loader)
+        assert sampler.epoch == 2, type(sampler).__name__
+        assert seen[0] != seen[1] and seen[1] != seen[2], type(sampler).__name__
+
+
+def test_sharded_sampler_ranks_are_disjoint_per_step_and_cover_a_pass_once():
+    ranks = [ShardedRandomBatchSampler(24, 3, 4, seed=5, rank=r, world_size=2) for r in range(2)]
+    batches = [list(s) for s in ranks]
+    assert [len(s) for s in ranks] == [4, 4] and all(len(b) == 3 for bs in batches for b in bs)
+    for step in range(4):
+        assert not set(batches[0][step]) & set(batches[1][step])
+    assert sorted(i for bs in batches for b in bs for i in b) == list(range(24))  # 2 × 4 × 3 = one pass
+    ranks[0].set_epoch(1)
+    assert list(ranks[0]) != batches[0]
+    ranks[0].set_epoch(0)
+    assert list(ranks[0]) == batches[0] == list(ShardedRandomBatchSampler(24, 3, 4, seed=5, rank=0, world_size=2))
+    assert list(ShardedRandomBatchSampler(24, 3, 4, seed=6, rank=0, world_size=2)) != batches[0]
+
+
+def test_sharded_sampler_cycles_a_small_set_in_fresh_passes_without_repeats_in_a_batch():
+    # The digits' labeled stream: 50 images, batches of 16, 11 steps = 176 indices ≈ 3.5 passes.
+    sampler = ShardedRandomBatchSampler(50, 16, 11, seed=0)
+    batches = list(sampler)
+    assert len(batches) == 11 and all(len(set(b)) == 16 for b in batches)  # straddling steps hold no repeats
+    stream = [i for b in batches for i in b]
+    passes = [stream[50 * p : 50 * p + 50] for p in range(3)]
+    assert all(sorted(p) == list(range(50)) for p in passes) and passes[0] != passes[1]
+    # two ranks: every step of 2 × 16 holds 32 distinct images, still one use per image per pass
+    ranks = [list(ShardedRandomBatchSampler(50, 16, 11, seed=0, rank=r, world_size=2)) for r in range(2)]
+    steps = [ranks[0][s] + ranks[1][s] for s in range(11)]
+    assert all(len(set(s)) == 32 for s in steps)
+    stream = [i for s in steps for i in s]
+    assert all(sorted(stream[50 * p : 50 * p + 50]) == list(range(50)) for p in range(7))
+    # fewer items than a step: repeats are unavoidable, the shape is still exact
+    tiny = list(ShardedRandomBatchSampler(3, 4, 5, seed=0))
+    assert len(tiny) == 5 and all(len(b) == 4 and set(b) <= {0, 1, 2} for b in tiny)

@@ -71,3 +71,17 @@ def test_api_net_on_toy_birds_learns_the_parts_and_prefers_its_own_gate(tmp_path
     assert test_acc >= 0.9, test_acc
     assert margin[-1] > 0 and margin[-1] > margin[0], margin
     assert list(tmp_path.rglob("pairs/epoch*.png")), "PairLogger wrote no pair grid"
+
+
+def test_uda_on_digits_beats_supervised_only_and_the_pixel_baselines(tmp_path):
+    def run(method: str) -> dict[str, float]:
+        result = run_zoo("fit", "-c", str(ROOT / "configs" / "semisup" / f"{method}_digits.yaml"),
+                         f"--trainer.default_root_dir={tmp_path / method}", "--trainer.logger=false",
+                         "--trainer.enable_progress_bar=false", timeout=1200, env={"OMP_NUM_THREADS": "1"})
+        assert result.returncode == 0, result.stderr[-3000:]
+        return {name: float(value) for name, value in re.findall(r"^\s*(\S+)\s+([0-9.]+)\s*$", result.stdout, re.M)}
+
+    uda, supervised = run("uda"), run("supervised")
+    # seed 0, 5 labels per class: the unlabeled digits must add several points over the same CNN on labels alone
+    assert uda["test/acc"] >= supervised["test/acc"] + 0.03, (uda, supervised)
+    assert uda["test/acc"] > uda["baseline/logreg_acc"] and uda["test/acc"] > uda["baseline/label_spreading_acc"]

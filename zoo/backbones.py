@@ -164,3 +164,68 @@ class ResNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.pool(self.features(x))
+
+
+class _PreActBlock(nn.Module):
+    """BN → LeakyReLU → conv3×3 → BN → LeakyReLU → conv3×3, with a 1×1 projection when the shape changes."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int, bn_momentum: float, slope: float,
+                 activate_before_residual: bool) -> None:
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_channels, momentum=bn_momentum)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels, momentum=bn_momentum)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False)
+        self.act = nn.LeakyReLU(slope, inplace=False)
+        self.shortcut = (nn.Conv2d(in_channels, out_channels, 1, stride, bias=False)
+                         if in_channels != out_channels or stride != 1 else None)
+        # The first block of the network feeds the pre-activated input to its shortcut too (FixMatch's TF `residual`).
+        self.activate_before_residual = activate_before_residual
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pre = self.act(self.bn1(x))
+        out = self.conv2(self.act(self.bn2(self.conv1(pre))))
+        if self.shortcut is None:
+            return x + out
+        return self.shortcut(pre if self.activate_before_residual else x) + out
+
+
+class WideResNet(nn.Module):
+    """WRN-depth-k (Zagoruyko & Komodakis 2016) in the pre-activation form of the semi-supervised benchmarks.
+
+    WRN-28-2 (1.5 M parameters) is the network UDA, FixMatch, Meta Pseudo Labels and USB report CIFAR-10 results
+    with: a 3×3 stem of 16 channels, three stages of ``(depth − 4) / 6`` blocks with ``16k, 32k, 64k`` channels and
+    strides 1, 2, 2, then BN → LeakyReLU. Returns the ``(B, 64k, H/4, W/4)`` map; ``ClassifierHead`` pools it.
+
+    Args:
+        depth: ``6n + 4`` (28 → 4 blocks per stage).
+        widen_factor: ``k`` (2 for CIFAR-10/SVHN, 8 for CIFAR-100).
+        in_chans: input channels.
+        bn_momentum: PyTorch BN momentum; 0.001 is the TF decay 0.999 of FixMatch / MPL (UDA-TF used 0.1).
+        leaky_slope: negative slope of the activations (0.1 as in FixMatch / MPL; 0 gives UDA-TF's ReLU).
+    """
+
+    def __init__(self, depth: int = 28, widen_factor: int = 2, in_chans: int = 3, bn_momentum: float = 0.001,
+                 leaky_slope: float = 0.1) -> None:
+        super().__init__()
+        if (depth - 4) % 6:
+            raise ValueError(f"WideResNet depth must be 6n + 4, got {depth}")
+        blocks = (depth - 4) // 6
+        widths = [16 * widen_factor, 32 * widen_factor, 64 * widen_factor]
+        layers: list[nn.Module] = [nn.Conv2d(in_chans, 16, 3, 1, 1, bias=False)]
+        channels = 16
+        for stage, (width, stride) in enumerate(zip(widths, (1, 2, 2))):
+            for i in range(blocks):
+                layers.append(_PreActBlock(channels, width, stride if i == 0 else 1, bn_momentum, leaky_slope,
+                                           activate_before_residual=stage == 0 and i == 0))
+                channels = width
+        layers += [nn.BatchNorm2d(channels, momentum=bn_momentum), nn.LeakyReLU(leaky_slope)]
+        self.features = nn.Sequential(*layers)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="leaky_relu")
+        self.out_channels: int = channels
+        self.reduction: int = 4
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
