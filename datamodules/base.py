@@ -10,6 +10,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
+from datamodules.sampler import dist_rank_world
+
 __all__ = ["ZooDataModule", "DatasetNotFoundError", "CorruptImageError", "read_image", "require_path"]
 
 
@@ -78,6 +80,21 @@ class ZooDataModule(L.LightningDataModule):
         mean = images.new_tensor(self.mean).view(1, -1, 1, 1)
         std = images.new_tensor(self.std).view(1, -1, 1, 1)
         return (images * std + mean).clamp(0, 1)
+
+    def _world(self) -> tuple[int, int]:
+        """``(rank, world_size)`` of this process: from the trainer, else from ``torch.distributed``, else ``(0, 1)``."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:
+            return trainer.global_rank, trainer.world_size
+        return dist_rank_world(None, None)
+
+    def _refuse_lightning_sampler(self) -> None:
+        """DataModules that shard their loaders across ranks themselves cannot also have Lightning wrap them in a
+        ``DistributedSampler``: refuse DDP unless the config sets ``trainer.use_distributed_sampler: false``."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None and trainer.world_size > 1 and trainer._accelerator_connector.use_distributed_sampler:
+            raise RuntimeError(f"{type(self).__name__} shards its loaders across ranks itself: set "
+                               "`trainer.use_distributed_sampler: false`")
 
     def _loader(self, dataset: Optional[Dataset], train: bool) -> DataLoader:
         if dataset is None:

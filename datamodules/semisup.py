@@ -33,7 +33,7 @@ from torchvision.transforms import v2
 
 from datamodules.base import ZooDataModule, require_path
 from datamodules.digits import load_digit_images
-from datamodules.sampler import ShardedRandomBatchSampler, dist_rank_world
+from datamodules.sampler import ShardedRandomBatchSampler
 
 __all__ = [
     "labeled_split", "Cutout", "GaussianNoise", "RandomMagnitudeRandAugment",
@@ -185,17 +185,8 @@ class SemiSupervisedDataModule(ZooDataModule):
     def eval_transform(self) -> Callable:
         raise NotImplementedError
 
-    def _world(self) -> tuple[int, int]:
-        trainer = getattr(self, "trainer", None)
-        if trainer is not None:
-            return trainer.global_rank, trainer.world_size
-        return dist_rank_world(None, None)
-
     def setup(self, stage: Optional[str] = None) -> None:
-        trainer = getattr(self, "trainer", None)
-        if trainer is not None and trainer.world_size > 1 and trainer._accelerator_connector.use_distributed_sampler:
-            raise RuntimeError(f"{type(self).__name__} shards both streams across ranks itself: set "
-                               "`trainer.use_distributed_sampler: false`")
+        self._refuse_lightning_sampler()
         if self.test_set is not None:
             return
         images, targets = self._load("train")

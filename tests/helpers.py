@@ -79,3 +79,30 @@ class RecordSemiSupRank(Callback):
         path = self.out / f"semisup_rank{trainer.global_rank}.json"
         path.write_text(json.dumps({"images": self.images, "h": self.h, "state": state,
                                     "world_size": trainer.world_size}))
+
+
+class RecordReIDRank(Callback):
+    """Writes ``<out>/reid_rank<r>.json``: the target indices of every step, the exemplar memory's checksum and its
+    first rows at the end, and (``memory_at_start``) its checksum when training starts (after a resume's restore)."""
+
+    def __init__(self, out: str) -> None:
+        self.out = Path(out)
+        self.indices: list = []
+        self.start_sum: float | None = None
+        self.start_epoch: int | None = None
+
+    def on_train_start(self, trainer, pl_module):
+        self.start_sum = float(pl_module.memory.slots.double().sum())
+        self.start_epoch = trainer.current_epoch
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.indices.append(batch["target"][1].tolist())
+
+    def on_train_end(self, trainer, pl_module):
+        self.out.mkdir(parents=True, exist_ok=True)
+        slots = pl_module.memory.slots
+        (self.out / f"reid_rank{trainer.global_rank}.json").write_text(json.dumps({
+            "indices": self.indices, "memory_sum": float(slots.double().sum()),
+            "memory_rows": slots[:20].tolist(), "start_sum": self.start_sum, "start_epoch": self.start_epoch,
+            "world_size": trainer.world_size, "touched": int((slots.norm(dim=1) > 0).sum()),
+        }))
