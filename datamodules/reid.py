@@ -319,15 +319,7 @@ class CrossDomainReIDDataModule(ZooDataModule):
     def _eval_loaders(self) -> list[DataLoader]:
         if self.query_set is None or self.gallery_set is None:
             raise RuntimeError(f"{type(self).__name__}: call setup() before the evaluation loaders")
-        rank, world = self._world()
-
-        def loader(dataset: Dataset) -> DataLoader:
-            # Rank r evaluates items r, r + world, ...: every item once, no padding; the model gathers by index.
-            shard = torch.utils.data.Subset(dataset, range(rank, len(dataset), world)) if world > 1 else dataset
-            return DataLoader(shard, batch_size=self.eval_batch_size, shuffle=False, num_workers=self.num_workers,
-                              pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0)
-
-        return [loader(self.query_set), loader(self.gallery_set)]
+        return [self._strided_eval_loader(self.query_set), self._strided_eval_loader(self.gallery_set)]
 
     def val_dataloader(self) -> list[DataLoader]:
         return self._eval_loaders()

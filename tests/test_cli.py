@@ -28,6 +28,8 @@ def test_every_config_builds(config, tmp_path):
     args = ["-c", str(config), "--trainer.logger=false", f"--trainer.default_root_dir={tmp_path}"]
     if "pretrained: true" in config.read_text():  # tests never download weights
         args.append("--model.init_args.backbone.init_args.pretrained=false")
+    if "light: false" in config.read_text():  # U-GAT-IT full: 2 × 279 M generator parameters, a minute to initialise
+        args.append("--model.init_args.light=true")
     cli = ZooCLI(args=args, run=False)
     assert cli.model is not None and cli.datamodule is not None
     data_classes = getattr(cli.datamodule, "num_classes", None)

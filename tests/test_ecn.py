@@ -1,7 +1,5 @@
 """ECN: exemplar memory, neighbourhood targets, the loss schedule, frozen stages, DDP memory agreement."""
 
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F

@@ -1,0 +1,234 @@
+"""Digit domains: the unpaired-translation embedded default, two styles of scikit-learn's bundled digits, no download.
+
+``sklearn.datasets.load_digits`` ships 1,797 8×8 handwritten digits. This module renders them in two visual domains
+and writes them as PNGs in the CycleGAN / U-GAT-IT layout that ``datamodules.unpaired.UnpairedDataModule`` reads:
+
+    <root>/trainA/00000.png ...    digits 0..1499 (sklearn order), even indices, domain A
+    <root>/trainB/00001.png ...    digits 0..1499, odd indices, domain B
+    <root>/testA/01500.png ...     digits 1500..1796, even indices, domain A
+    <root>/testB/01501.png ...     digits 1500..1796, odd indices, domain B
+    <root>/labels.csv              split,file,label: the digit of every file, for evaluation only
+    <root>/digitdomains.json       generation parameters, written last
+
+A file's name is its sklearn index, and A and B never hold the same source digit, so the domains are truly
+unpaired. The default set has 750 / 750 training and 149 / 148 test images at 32² (about 3 s to write on one shared
+CPU core); every digit has 64–86 images per training domain but, in sklearn's order, only 6–25 per test domain.
+
+- **A, "pen on paper"**: near-white paper (grey 0.86–0.94 per image, faint pixel noise), thin dark ink (grey
+  0.05–0.15), greyscale (R = G = B).
+- **B, "bold neon on dark"**: a dark background (grey 0.07–0.14) with a soft blotchy texture and noise; bold strokes
+  (ink covers 26 % of a B image on average, 13 % of an A image) in a saturated colour drawn per image from
+  ``NEON_PALETTE``, with diagonal stripes modulating their brightness and a faint glow around them.
+
+Both domains place the digit the same way: the 8×8 image is upsampled (bicubic) to a box of 70–84 % of the image
+side, shifted by up to ±2 px (at 32², scaled with the size) and normalised to its maximum. A stroke mask is cut from
+it at 4× the output resolution (at most 128 px): A's at a higher level (0.5) and eroded by half an output pixel,
+B's at 0.45 and dilated by ¾ of an output pixel; box-downsampling the mask anti-aliases the edges. So A and B differ
+in stroke width, colour, background and texture, while the digit (shape, position and size distribution) is what a
+translation must keep, and the labels measure whether it did.
+
+Everything derives from ``numpy.random.default_rng((seed, index))``, so a file's bytes depend only on the parameters.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+from PIL import Image
+from scipy import ndimage
+
+from datamodules.unpaired import SPLITS, UnpairedDataModule
+
+__all__ = ["write_digit_domains", "render_digit", "NEON_PALETTE", "NUM_TRAIN_DIGITS", "DigitDomainsDataModule"]
+
+#: saturated stroke colours of domain B (RGB)
+NEON_PALETTE = ((255, 40, 200), (0, 230, 255), (90, 255, 40), (255, 150, 0), (255, 240, 30), (255, 50, 80),
+                (60, 120, 255), (180, 70, 255))
+#: sklearn digits ``0 .. NUM_TRAIN_DIGITS - 1`` are the training split, the rest the test split
+NUM_TRAIN_DIGITS = 1500
+_MARKER = "digitdomains.json"
+
+
+def _supersample(size: int) -> int:
+    """Masks are built at ``size × factor`` (≈128 px) so that the morphology and the edges are sub-pixel accurate."""
+    return max(1, min(4, 128 // size))
+
+
+def _disk(radius: int) -> np.ndarray:
+    y, x = np.mgrid[-radius : radius + 1, -radius : radius + 1]
+    return x * x + y * y <= radius * radius + 0.5
+
+
+def _digit_field(digit: np.ndarray, rng: np.random.Generator, size: int, factor: int) -> np.ndarray:
+    """The digit upsampled into a ``(size·factor)²`` canvas, scaled and shifted at random, normalised to max 1."""
+    big = size * factor
+    box = int(round(rng.uniform(0.70, 0.84) * big))
+    upsampled = np.asarray(Image.fromarray(digit.astype(np.float32) / 16.0).resize((box, box), Image.BICUBIC))
+    shift = rng.uniform(-2.0, 2.0, 2) * size / 32 * factor
+    top, left = int(round((big - box) / 2 + shift[1])), int(round((big - box) / 2 + shift[0]))
+    canvas = np.zeros((big, big), np.float32)
+    t0, l0, t1, l1 = max(top, 0), max(left, 0), min(top + box, big), min(left + box, big)
+    canvas[t0:t1, l0:l1] = upsampled[t0 - top : t1 - top, l0 - left : l1 - left]
+    # Some digits are written faintly (maximum 8/16): normalising keeps their strokes at both thresholds.
+    return canvas / max(float(canvas.max()), 1e-6)
+
+
+def _downsample(mask: np.ndarray, size: int, factor: int) -> np.ndarray:
+    """Box-average ``factor × factor`` cells: a binary mask becomes an anti-aliased coverage in [0, 1]."""
+    return mask.astype(np.float32).reshape(size, factor, size, factor).mean((1, 3))
+
+
+def _render_a(field: np.ndarray, rng: np.random.Generator, size: int, factor: int) -> np.ndarray:
+    # A higher threshold and half a pixel of erosion thin the strokes; more of either breaks the faint joins.
+    mask = ndimage.binary_erosion(field > 0.5, _disk(max(1, round(0.5 * factor * size / 32))))
+    ink = _downsample(mask, size, factor)
+    paper = rng.uniform(0.86, 0.94) + rng.normal(0.0, 0.015, (size, size))
+    grey = paper * (1 - ink) + rng.uniform(0.05, 0.15) * ink
+    return np.repeat(grey[..., None], 3, axis=2)
+
+
+def _render_b(field: np.ndarray, rng: np.random.Generator, size: int, factor: int) -> np.ndarray:
+    # A lower threshold and ¾ of an output pixel of dilation on each side about double A's stroke width; a full
+    # pixel starts to close the loops of 6, 8 and 9.
+    mask = ndimage.binary_dilation(field > 0.45, _disk(max(1, round(0.75 * factor * size / 32))))
+    ink = _downsample(mask, size, factor)[..., None]
+    blotches = np.asarray(Image.fromarray(rng.normal(0.0, 1.0, (5, 5)).astype(np.float32)).resize((size, size),
+                                                                                                Image.BICUBIC))
+    background = rng.uniform(0.07, 0.14) + 0.025 * blotches + rng.normal(0.0, 0.015, (size, size))
+    colour = np.asarray(NEON_PALETTE[int(rng.integers(len(NEON_PALETTE)))], np.float32) / 255
+    y, x = np.mgrid[:size, :size]
+    stripes = 0.75 + 0.25 * np.sin(2 * np.pi * (x + y) / (size / 6) + rng.uniform(0, 2 * np.pi))
+    glow = ndimage.uniform_filter(ink[..., 0], max(3, round(5 * size / 32)) | 1)[..., None] * 0.25 * colour
+    return background[..., None] * (1 - ink) + colour * stripes[..., None] * ink + glow * (1 - ink)
+
+
+def render_digit(digit: np.ndarray, domain: str, size: int, rng: np.random.Generator) -> np.ndarray:
+    """One 8×8 sklearn digit (values 0..16) as a ``(size, size, 3)`` uint8 image of domain ``"A"`` or ``"B"``.
+
+    The placement (scale, shift) is drawn first and the same way in both domains; the style draws come after.
+    """
+    if domain not in ("A", "B"):
+        raise ValueError(f"domain must be 'A' or 'B', got {domain!r}")
+    factor = _supersample(size)
+    field = _digit_field(digit, rng, size, factor)
+    image = (_render_a if domain == "A" else _render_b)(field, rng, size, factor)
+    return (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
+
+
+def _parameters(image_size: int, seed: int) -> dict:
+    return {"format": "unpaired", "generator": "digitdomains", "version": 1, "image_size": image_size, "seed": seed}
+
+
+def _is_written(root: Path, parameters: dict) -> bool:
+    marker = root / _MARKER
+    if not marker.is_file() or not all((root / split).is_dir() for split in SPLITS):
+        return False
+    try:
+        return json.loads(marker.read_text()) == parameters
+    except json.JSONDecodeError:
+        return False
+
+
+def write_digit_domains(root: str | Path, image_size: int = 32, seed: int = 0, overwrite: bool = False) -> Path:
+    """Write the two digit domains under ``root`` in the unpaired layout and return ``root``.
+
+    ``root/digitdomains.json`` records the parameters and is written last: when it matches (and ``overwrite`` is
+    false) nothing is done. Otherwise the set is written to a staging sibling, the old folders are replaced by it and
+    the marker is written, so an interrupted run never leaves a set that looks complete. Only ``trainA``, ``trainB``,
+    ``testA``, ``testB``, ``labels.csv`` and the marker are touched.
+
+    Raises:
+        ValueError: ``image_size < 16`` (the thin strokes of A would vanish) or a negative seed.
+    """
+    if image_size < 16:
+        raise ValueError(f"image_size must be ≥ 16 for the thin strokes to survive, got {image_size}")
+    if seed < 0:
+        raise ValueError(f"seed must be ≥ 0, got {seed}")
+    from sklearn.datasets import load_digits  # the bundled copy: no download
+
+    root = Path(root)
+    parameters = _parameters(image_size, seed)
+    if not overwrite and _is_written(root, parameters):
+        return root
+    root.mkdir(parents=True, exist_ok=True)
+    staging = root.parent / f".{root.name}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    for split in SPLITS:
+        (staging / split).mkdir(parents=True)
+
+    digits = load_digits()
+    rows = []
+    for index, (digit, label) in enumerate(zip(digits.images, digits.target.tolist())):
+        domain = "A" if index % 2 == 0 else "B"
+        split = ("train" if index < NUM_TRAIN_DIGITS else "test") + domain
+        pixels = render_digit(digit, domain, image_size, np.random.default_rng((seed, index)))
+        name = f"{index:05d}.png"
+        Image.fromarray(pixels).save(staging / split / name)
+        rows.append((split, name, label))
+    with open(staging / "labels.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(("split", "file", "label"))
+        writer.writerows(sorted(rows, key=lambda row: (SPLITS.index(row[0]), row[1])))
+
+    (root / _MARKER).unlink(missing_ok=True)
+    for name in (*SPLITS, "labels.csv"):
+        target = root / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        else:
+            target.unlink(missing_ok=True)
+        (staging / name).rename(target)
+    staging.rmdir()
+    (root / _MARKER).write_text(json.dumps(parameters, indent=1))
+    return root
+
+
+class DigitDomainsDataModule(UnpairedDataModule):
+    """The embedded default: "pen on paper" (A) ↔ "bold neon on dark" (B) digits, written to ``root`` on first use.
+
+    The set is written (a few seconds, deterministic from ``seed``) by ``prepare_data``, or by ``setup`` when it is
+    called without a Trainer, and read back by ``UnpairedDataModule`` with ``labels.csv`` as its labels file.
+
+    Args:
+        root: where the set is written.
+        image_size: side of the written PNGs and of the training crops and evaluation images.
+        load_size: training resize before the random crop (36 for 32² crops, U-GAT-IT's ``+30`` scaled down).
+        flip: off by default, a mirrored digit is not a digit.
+        seed: the generator's seed, also the samplers' seed unless ``sampler_seed`` is given.
+        sampler_seed: seed of the training streams (default: ``seed``).
+        batch_size, eval_batch_size, steps_per_epoch, num_workers, pin_memory: see ``UnpairedDataModule``.
+    """
+
+    def __init__(
+        self,
+        root: str = "data/digit_domains",
+        image_size: int = 32,
+        load_size: Optional[int] = 36,
+        flip: bool = False,
+        batch_size: int = 1,
+        eval_batch_size: Optional[int] = None,
+        steps_per_epoch: Optional[int] = None,
+        seed: int = 0,
+        sampler_seed: Optional[int] = None,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+    ) -> None:
+        super().__init__(root, image_size, load_size, flip, batch_size, eval_batch_size, steps_per_epoch,
+                         seed if sampler_seed is None else sampler_seed, num_workers, pin_memory,
+                         labels_file="labels.csv")
+        self.generator_seed = seed
+
+    def prepare_data(self) -> None:
+        write_digit_domains(self.root, image_size=self.image_size, seed=self.generator_seed)
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        # Under a Trainer, prepare_data has run on one process per node before any setup, so every rank finds the
+        # set written and only reads; without one (setup called directly) this is the only process.
+        if not _is_written(self.root, _parameters(self.image_size, self.generator_seed)):
+            self.prepare_data()
+        super().setup(stage)
