@@ -49,17 +49,17 @@ class UnpairedTranslationModule(L.LightningModule):
 
     def translate(self, images: torch.Tensor, direction: str) -> torch.Tensor:
         """``direction`` ``"a2b"`` or ``"b2a"``: images in [−1, 1] → translated images in [−1, 1]."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must define translate()")
 
     def generator_parameters(self) -> Iterator[nn.Parameter]:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must define generator_parameters()")
 
     def discriminator_parameters(self) -> Iterator[nn.Parameter]:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must define discriminator_parameters()")
 
     def untrained_translator(self, direction: str) -> Callable[[torch.Tensor], torch.Tensor]:
         """A freshly initialised translator of the same architecture (the evaluation's 'untrained' baseline)."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must define untrained_translator()")
 
     # ---- optimisation -------------------------------------------------------------------------------------------
 
