@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from zoo.distributed import gather_by_index
+
 __all__ = ["query_targets", "episode_accuracy", "mean_ci95", "EpisodeAccuracies", "EpisodicModule"]
 
 
@@ -61,16 +63,7 @@ class EpisodeAccuracies:
         device = module.device
         index = torch.tensor(self.index, dtype=torch.long, device=device)
         value = torch.stack(self.value).to(device) if self.value else torch.zeros(0, device=device)
-        world = module.trainer.world_size if module._trainer is not None else 1
-        if world > 1:
-            longest = int(module.all_gather(torch.tensor(len(index), device=device)).max())
-            pad = longest - len(index)
-            index = torch.cat([index, index.new_full((pad,), -1)])
-            value = torch.cat([value, value.new_zeros(pad)])
-            index, value = module.all_gather(index).flatten(), module.all_gather(value).flatten()
-        keep = index >= 0
-        order = index[keep].argsort()
-        return value[keep][order].cpu()
+        return gather_by_index(module, index, value=value)["value"].cpu()
 
     def reset(self) -> None:
         self.index.clear()

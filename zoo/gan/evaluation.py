@@ -29,6 +29,7 @@ from torchvision.utils import make_grid
 from torchmetrics.image.kid import poly_mmd
 
 from zoo.callbacks import log_images
+from zoo.distributed import gather_by_index
 
 __all__ = ["kernel_inception_distance", "TranslationJudge", "train_judge", "TranslationMetrics", "TranslationGrid"]
 
@@ -210,15 +211,16 @@ class TranslationMetrics(Callback):
     def _collect(self, outputs: dict[str, Any]) -> None:
         direction = outputs["direction"]
         store = self._outputs.setdefault(direction, {})
-        translations = {"": outputs["fake"], "identity_": outputs["real"]}
+        translations = {"": outputs["fake"]}
         if direction in self._untrained:
             translations["untrained_"] = self._untrained[direction](outputs["real"])
-        features_real, _, _ = self.extractor(outputs["real"].float())
-        store.setdefault("real", []).append(features_real.float())
         store.setdefault("labels", []).append(outputs["labels"])
         store.setdefault("index", []).append(outputs["index"])
-        for prefix, images in translations.items():
-            features, domain_logits, class_logits = self.extractor(images.float())
+        # the identity mapping's "translations" are the real images: their features are computed once
+        real = self.extractor(outputs["real"].float())
+        store.setdefault("real", []).append(real[0].float())
+        for prefix, judged in [("identity_", real), *((p, self.extractor(x.float())) for p, x in translations.items())]:
+            features, domain_logits, class_logits = judged
             store.setdefault(prefix + "features", []).append(features.float())
             if domain_logits is not None:
                 store.setdefault(prefix + "domain", []).append(domain_logits.argmax(1))
@@ -236,29 +238,14 @@ class TranslationMetrics(Callback):
 
     # ---- per epoch: gather, score, log -------------------------------------------------------------------------
 
-    @staticmethod
-    def _gather(pl_module: "L.LightningModule", store: dict[str, list[torch.Tensor]]) -> dict[str, torch.Tensor]:
-        """Concatenate each rank's shard, all-gather (shards differ in length by at most one), order by index."""
-        joined = {k: torch.cat(v) for k, v in store.items()}
-        if pl_module.trainer.world_size > 1:
-            count = torch.tensor([len(joined["index"])], device=pl_module.device)
-            longest = int(pl_module.all_gather(count).max())
-            pad = longest - len(joined["index"])
-            joined["index"] = torch.cat([joined["index"], joined["index"].new_full((pad,), -1)])
-            for k, v in joined.items():
-                if k != "index":
-                    joined[k] = torch.cat([v, v.new_zeros(pad, *v.shape[1:])])
-            joined = {k: pl_module.all_gather(v).flatten(0, 1) for k, v in joined.items()}
-            keep = joined["index"] >= 0
-            joined = {k: v[keep] for k, v in joined.items()}
-        order = joined["index"].argsort()
-        return {k: v[order] for k, v in joined.items()}
-
     def _score(self, pl_module: "L.LightningModule", stage: str) -> None:
         if set(self._outputs) != {"a2b", "b2a"}:
             self._outputs = {}
             return  # e.g. a limited validation that never reached testB
-        gathered = {d: self._gather(pl_module, store) for d, store in self._outputs.items()}
+        gathered = {}
+        for direction, store in self._outputs.items():
+            joined = {k: torch.cat(v) for k, v in store.items()}
+            gathered[direction] = gather_by_index(pl_module, joined.pop("index"), **joined)
         self._outputs = {}
         target_real = {"a2b": gathered["b2a"]["real"], "b2a": gathered["a2b"]["real"]}
         metrics: dict[str, float] = {}

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
+from zoo.distributed import gather_by_index
 from zoo.reid.evaluation import rank_lists, reid_metrics
 
 __all__ = ["ExemplarMemory", "neighbourhood_targets", "invariance_loss", "EmbeddingHead", "ECN"]
@@ -313,18 +314,8 @@ class ECN(L.LightningModule):
         """All ranks' ``(features, pids, cams)`` of one loader, in dataset order (each rank held a strided shard)."""
         parts = self._eval_outputs.get(dataloader_idx, [])
         features, pids, cams, indices = (torch.cat([p[i] for p in parts]) for i in range(4))
-        if self.trainer.world_size > 1:
-            # Shards differ in length by at most one: pad to a common length, gather, drop the padding.
-            count = torch.tensor([len(indices)], device=self.device)
-            longest = int(self.all_gather(count).max())
-            pad = longest - len(indices)
-            padded = [torch.cat([t, t.new_zeros(pad, *t.shape[1:])]) for t in (features, pids, cams)]
-            padded.append(torch.cat([indices, indices.new_full((pad,), -1)]))
-            features, pids, cams, indices = (self.all_gather(t).flatten(0, 1) for t in padded)
-            keep = indices >= 0
-            features, pids, cams, indices = features[keep], pids[keep], cams[keep], indices[keep]
-        order = indices.argsort()
-        return features[order], pids[order], cams[order]
+        gathered = gather_by_index(self, indices, features=features, pids=pids, cams=cams)
+        return gathered["features"], gathered["pids"], gathered["cams"]
 
     def _eval_epoch_end(self, stage: str) -> None:
         if not self._eval_outputs or self.trainer.sanity_checking:
