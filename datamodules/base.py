@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import lightning as L
 import torch
@@ -96,14 +96,14 @@ class ZooDataModule(L.LightningDataModule):
             raise RuntimeError(f"{type(self).__name__} shards its loaders across ranks itself: set "
                                "`trainer.use_distributed_sampler: false`")
 
-    def _strided_eval_loader(self, dataset: Dataset) -> DataLoader:
+    def _strided_eval_loader(self, dataset: Dataset, collate_fn: Optional[Callable] = None) -> DataLoader:
         """Rank ``r`` of ``w`` evaluates items ``r, r + w, ...``: every item once, no padding (Lightning's
         ``DistributedSampler`` pads with repeats); the model all-gathers the outputs and restores the order by the
         index each item carries."""
         rank, world = self._world()
         shard = torch.utils.data.Subset(dataset, range(rank, len(dataset), world)) if world > 1 else dataset
         return DataLoader(shard, batch_size=self.eval_batch_size, shuffle=False, num_workers=self.num_workers,
-                          pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0)
+                          pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0, collate_fn=collate_fn)
 
     def _loader(self, dataset: Optional[Dataset], train: bool) -> DataLoader:
         if dataset is None:

@@ -261,6 +261,7 @@ def test_bf16_autocast_keeps_memory_logits_fp32_and_trains(tmp_path):
     assert logits.dtype == torch.float32
 
 
+@pytest.mark.slow  # 15-20 s; fine-tuning itself is covered by tests/test_finetune.py in the default suite
 def test_finetune_from_an_ecn_checkpoint_skips_the_memory_and_a_new_classifier(tmp_path):
     from conftest import run_zoo
 

@@ -393,6 +393,7 @@ def test_cifar10_configs_run_on_a_cifar_format_tree(tmp_path, method):
     assert result.returncode == 0, result.stderr[-3000:]
 
 
+@pytest.mark.slow  # 15-20 s; fine-tuning itself is covered by tests/test_finetune.py in the default suite
 def test_mpl_digits_then_finetune_the_ema_student_from_its_checkpoint(tmp_path):
     from conftest import ROOT, run_zoo
 

@@ -20,7 +20,7 @@ import timm
 import torch
 from torch import nn
 
-__all__ = ["TimmBackbone", "TimmFeatures", "ConvNet"]
+__all__ = ["TimmBackbone", "TimmFeatures", "ConvNet", "StridedConvFeatures"]
 
 
 class TimmBackbone(nn.Module):
@@ -63,6 +63,8 @@ class TimmFeatures(nn.Module):
         out_indices: which stages to return (timm's indexing; ``(1, 2, 3, 4)`` gives strides 4..32 on a ResNet).
         pretrained: load timm's pretrained weights.
         in_chans: input channels.
+        output_stride: 16 or 8 turns the strides of the last stages into dilation (R-FCN's atrous block5);
+            ``None`` keeps the model's own (32 for a ResNet).
     """
 
     def __init__(
@@ -71,9 +73,12 @@ class TimmFeatures(nn.Module):
         out_indices: Sequence[int] = (1, 2, 3, 4),
         pretrained: bool = False,
         in_chans: int = 3,
+        output_stride: Optional[int] = None,
         **kwargs,
     ) -> None:
         super().__init__()
+        if output_stride is not None:
+            kwargs["output_stride"] = output_stride
         self.model = timm.create_model(
             name, pretrained=pretrained, in_chans=in_chans, features_only=True, out_indices=tuple(out_indices), **kwargs
         )
@@ -82,6 +87,53 @@ class TimmFeatures(nn.Module):
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         return self.model(x)
+
+
+class StridedConvFeatures(nn.Module):
+    """A small from-scratch CNN with ``TimmFeatures``' multi-stage contract, for detectors on the embedded data.
+
+    Stage ``i`` halves the resolution with a stride-2 conv → BN → ReLU, then a 3×3 conv → BN → ReLU, so stage ``i``
+    has reduction ``2**(i+1)``. ``output_stride`` turns the strides of the later stages into dilation (doubling at
+    each replaced stage), as ResNet's atrous block5 does for R-FCN (Dai et al. 2016, §3).
+
+    Args:
+        in_chans: input channels.
+        widths: channels of each stage.
+        out_indices: stages returned, in order.
+        output_stride: the largest reduction allowed (a power of 2); stages beyond it keep the resolution.
+    """
+
+    def __init__(self, in_chans: int = 3, widths: Sequence[int] = (16, 32, 64, 128, 128),
+                 out_indices: Sequence[int] = (2, 3, 4), output_stride: int = 32) -> None:
+        super().__init__()
+        stages, channels, reduction, dilation, reductions = [], in_chans, 1, 1, []
+        for width in widths:
+            stride = 2 if reduction * 2 <= output_stride else 1
+            if stride == 1:
+                dilation *= 2
+            reduction *= stride
+            stages.append(nn.Sequential(
+                nn.Conv2d(channels, width, 3, stride, padding=dilation if stride == 1 else 1,
+                          dilation=dilation if stride == 1 else 1, bias=False),
+                nn.BatchNorm2d(width), nn.ReLU(inplace=True),
+                nn.Conv2d(width, width, 3, padding=dilation, dilation=dilation, bias=False),
+                nn.BatchNorm2d(width), nn.ReLU(inplace=True)))
+            channels = width
+            reductions.append(reduction)
+        if any(not 0 <= i < len(widths) for i in out_indices):
+            raise ValueError(f"out_indices {list(out_indices)} must index the {len(widths)} stages")
+        self.stages = nn.ModuleList(stages)
+        self.out_indices = tuple(out_indices)
+        self.out_channels: list[int] = [widths[i] for i in out_indices]
+        self.reductions: list[int] = [reductions[i] for i in out_indices]
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        outputs = []
+        for i, stage in enumerate(self.stages):
+            x = stage(x)
+            if i in self.out_indices:
+                outputs.append(x)
+        return outputs
 
 
 class ConvNet(nn.Module):

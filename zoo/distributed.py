@@ -11,7 +11,7 @@ from __future__ import annotations
 import lightning as L
 import torch
 
-__all__ = ["gather_by_index"]
+__all__ = ["gather_by_index", "all_reduce_mean"]
 
 
 def gather_by_index(module: L.LightningModule, index: torch.Tensor, **tensors: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -28,3 +28,13 @@ def gather_by_index(module: L.LightningModule, index: torch.Tensor, **tensors: t
         index, tensors = index[keep], {k: v[keep] for k, v in tensors.items()}
     order = index.argsort()
     return {"index": index[order], **{k: v[order] for k, v in tensors.items()}}
+
+
+def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
+    """The mean of ``value`` over processes (itself without DDP): the papers normalise detection losses by the
+    number of positives averaged over GPUs, so every process divides by the same count."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        value = value.detach().clone()
+        torch.distributed.all_reduce(value)
+        return value / torch.distributed.get_world_size()
+    return value.detach()
