@@ -79,7 +79,8 @@ class DetectionSamples(Callback):
             pictures.append(wandb.Image(array, boxes={
                 "ground_truth": layer(target["boxes"], target["labels"], None),
                 "predictions": layer(det["boxes"].cpu(), det["labels"].cpu(), det["scores"].cpu())}))
-        logger.experiment.log({f"{stage}/detection_boxes": pictures}, step=step)
+        # As WandbLogger.log_metrics does: the trainer step as a metric, not W&B's own (monotonic) step counter.
+        logger.experiment.log({f"{stage}/detection_boxes": pictures, "trainer/global_step": step})
 
     @rank_zero_only
     def on_validation_end(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> None:
