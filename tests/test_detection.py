@@ -325,7 +325,8 @@ def test_two_process_metrics_equal_one_process_with_uneven_shards(tmp_path):
         assert torch.load(tmp_path / f"m_{rank}.pt") == pytest.approx(expected)
 
 
-@pytest.mark.parametrize("config, fmt", [("atss_coco", "coco"), ("gfl_voc", "voc"), ("rfcn_voc", "voc")])
+@pytest.mark.parametrize("config, fmt", [("atss_coco", "coco"), ("gfl_coco", "coco"), ("rfcn_coco", "coco"),
+                                         ("atss_voc", "voc"), ("gfl_voc", "voc"), ("rfcn_voc", "voc")])
 def test_real_data_configs_train_and_evaluate_on_format_fixtures(config, fmt, tmp_path):
     from conftest import ROOT
     from test_detection_data import write_coco, write_voc
@@ -390,3 +391,18 @@ def test_digits_config_logs_boxes_to_wandb_and_predicts_per_image_id(tmp_path):
     assert sorted(int(p["image_id"]) for p in predictions) == sorted(
         int(t["image_id"]) for _, t in cli.datamodule.test_set)
     assert all(p["boxes"].shape[1] == 4 and len(p["boxes"]) == len(p["scores"]) for p in predictions)
+
+
+@pytest.mark.parametrize("config", ["atss_digits", "gfl_digits", "rfcn_digits", "fcos_digits"])
+def test_digits_configs_fast_dev_run(config, tmp_path):
+    from conftest import ROOT
+
+    from zoo.cli import ZooCLI
+
+    cli = ZooCLI(args=["fit", "-c", str(ROOT / "configs" / "detection" / f"{config}.yaml"),
+                       f"--data.init_args.root={tmp_path / 'canvas'}", "--data.init_args.num_train=16",
+                       "--data.init_args.num_val=4", "--data.init_args.num_test=4", "--trainer.fast_dev_run=true",
+                       "--trainer.logger=false", "--trainer.enable_progress_bar=false",
+                       f"--trainer.default_root_dir={tmp_path / 'run'}"])
+    assert cli.trainer.global_step == 1
+    assert "test/map" in cli.trainer.callback_metrics
