@@ -74,7 +74,6 @@ at a time plus about twenty small ops per box, and ``MaxIoUAssigner`` needs the 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import datetime
 import gc
 import math
@@ -84,7 +83,6 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Callable, Optional
 
-import numpy as np
 import torch
 import torchvision
 from torch import nn
@@ -103,50 +101,8 @@ from zoo.detection.fcos import TorchvisionFCOS  # noqa: E402
 from zoo.detection.fpn import FeaturePyramid  # noqa: E402
 from zoo.detection.gfl import GFL  # noqa: E402
 from zoo.detection.rfcn import RFCN  # noqa: E402
+from measure import measure  # noqa: E402  (bench/measure.py)
 
-try:
-    _LIBC = ctypes.CDLL("libc.so.6")
-except OSError:  # not glibc: the resident set may then keep freed pages and under-count the growth
-    _LIBC = None
-
-
-def _rss_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def measure(fn: Callable[[], object], repeats: int, device: torch.device, warmup: int = 0
-            ) -> tuple[float, float, object]:
-    """(median ms per call, peak extra MiB during the timed calls, last result), after ``warmup`` untimed calls."""
-    for _ in range(warmup):
-        fn()
-    cuda = device.type == "cuda"
-    gc.collect()
-    if cuda:
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-    else:
-        if _LIBC is not None:
-            _LIBC.malloc_trim(0)
-        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-        before = _rss_kib("VmRSS")
-    times, result = [], None
-    for _ in range(max(1, repeats)):
-        if cuda:
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        result = fn()
-        if cuda:
-            torch.cuda.synchronize(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    if cuda:
-        peak = (torch.cuda.max_memory_allocated(device) - before) / 2 ** 20
-    else:
-        peak = (_rss_kib("VmHWM") - before) / 1024
-    return float(np.median(times)), peak, result
 
 
 def _millions(module: nn.Module) -> float:

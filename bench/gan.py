@@ -46,13 +46,11 @@ times swing by 10× and more (seen here: 2.2 s → 44–69 s for the same 64 px 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import gc
 import sys
-import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -63,47 +61,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from zoo.gan.layers import clip_rho_  # noqa: E402
 from zoo.gan.nice_gan import NICEGAN  # noqa: E402
 from zoo.gan.ugatit import UGATIT  # noqa: E402
+from measure import measure  # noqa: E402  (bench/measure.py)
 
-try:
-    _LIBC = ctypes.CDLL("libc.so.6")
-except OSError:  # not glibc: the resident set may then keep freed pages and under-count the growth
-    _LIBC = None
-
-
-def _rss_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def measure(fn: Callable[[], object], repeats: int, device: torch.device) -> tuple[float, float, object]:
-    """(median ms per call, peak extra MiB during the calls, last result)."""
-    cuda = device.type == "cuda"
-    gc.collect()
-    if cuda:
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-    else:
-        if _LIBC is not None:
-            _LIBC.malloc_trim(0)
-        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-        before = _rss_kib("VmRSS")
-    times, result = [], None
-    for _ in range(repeats):
-        if cuda:
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        result = fn()
-        if cuda:
-            torch.cuda.synchronize(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    if cuda:
-        peak = (torch.cuda.max_memory_allocated(device) - before) / 2 ** 20
-    else:
-        peak = (_rss_kib("VmHWM") - before) / 1024
-    return float(np.median(times)), peak, result
 
 
 # ---- one iteration, as each training_step does it ---------------------------------------------------------------
