@@ -592,7 +592,7 @@ class DetectionDataModule(ZooDataModule):
 
     @property
     def class_names(self) -> list[str]:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must define class_names")
 
     @property
     def num_classes(self) -> int:
@@ -605,7 +605,7 @@ class DetectionDataModule(ZooDataModule):
         return detection_transform(False, self.min_size, self.max_size)
 
     def _build(self, split: str, transform: Callable) -> DetectionDataset:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must implement _build(split, transform)")
 
     def setup(self, stage: Optional[str] = None) -> None:
         if stage in (None, "fit") and self.train_set is None:
