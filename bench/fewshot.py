@@ -3,7 +3,7 @@
 1. **ProtoNet, zoo vs easyfsl** (training episodes per second, higher is better). Both sides train Prototypical
    Networks with the same Conv-4 (``zoo.backbones.ConvNet(in_chans=1)``, 64-d at 28×28, identical initial weights),
    the same episode shape (default 5-way 5-shot 15-query), Adam(lr=1e-3), the same number of warm-up and timed
-   episodes, drawn from the same in-memory dataset: the procedural glyphs of ``datamodules.glyphs`` decoded once by
+   episodes, drawn from the same in-memory dataset: the procedural glyphs of ``datamodules.generated.fewshot_glyphs`` decoded once by
    ``GlyphsDataModule(cache=True)`` into ``(images (M, 1, 28, 28) float, labels (M,))`` (random tensors of the same
    shape if the glyph writer fails; the output says which), so no disk or decoding cost is timed on either side.
 
@@ -110,7 +110,7 @@ def load_glyphs(root: str) -> tuple[EpisodeData, str]:
         items = [dm.train_set[i] for i in range(len(dm.train_set))]
         images = torch.stack([image for image, _ in items]).contiguous()
         labels = torch.tensor([label for _, label in items])
-        source = f"procedural glyphs (datamodules.glyphs, {root})"
+        source = f"procedural glyphs (datamodules.generated.fewshot_glyphs, {root})"
     except Exception as err:  # the glyph writer is optional here: the timing only needs the shapes
         g = torch.Generator().manual_seed(SEED)
         classes, per_class = 105, 20

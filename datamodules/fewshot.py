@@ -26,7 +26,7 @@ On-disk formats:
   are novel; or the Vinyals split files ``train.txt``/``val.txt``/``test.txt`` (``Alphabet/characterNN/rotDDD``).
 - ``CloserLookDataModule``: ``base.json``, ``val.json``, ``novel.json`` as written by CloserLook's
   ``write_*_filelist.py`` (``label_names``, ``image_names``, ``image_labels``), for miniImageNet and CUB.
-- ``GlyphsDataModule``: writes a procedural glyph set (``datamodules.glyphs``) in Omniglot's layout once, then reads it
+- ``GlyphsDataModule``: writes a procedural glyph set (``datamodules.generated.fewshot_glyphs``) in Omniglot's layout once, then reads it
   through ``OmniglotDataModule``.
 """
 
@@ -538,7 +538,7 @@ class CloserLookDataModule(FewShotDataModule):
 
 
 class GlyphsDataModule(OmniglotDataModule):
-    """The embedded default: a procedural glyph alphabet (``datamodules.glyphs``) in Omniglot's layout.
+    """The embedded default: a procedural glyph alphabet (``datamodules.generated.fewshot_glyphs``) in Omniglot's layout.
 
     The set is written to ``root`` on first use (deterministic from ``glyph_seed``; about 20 s) and read back by
     the Omniglot loader. Background alphabets minus ``val_alphabets`` are base classes, evaluation alphabets novel.
@@ -546,7 +546,7 @@ class GlyphsDataModule(OmniglotDataModule):
     Args:
         root: where the glyph set is written.
         background_alphabets, evaluation_alphabets, characters_per_alphabet, drawers, glyph_seed: the generator's
-            parameters (see ``datamodules.glyphs.write_glyph_omniglot``).
+            parameters (see ``datamodules.generated.fewshot_glyphs.write_glyph_omniglot``).
         rotations, val_alphabets, ...: see ``OmniglotDataModule``.
     """
 
@@ -584,7 +584,7 @@ class GlyphsDataModule(OmniglotDataModule):
         return (a["background_alphabets"] - self.val_alphabets) * a["characters_per_alphabet"] * len(self.rotations)
 
     def prepare_data(self) -> None:
-        from datamodules.glyphs import write_glyph_omniglot
+        from datamodules.generated.fewshot_glyphs import write_glyph_omniglot
 
         write_glyph_omniglot(self.root, **self.glyph_args)
 

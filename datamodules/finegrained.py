@@ -46,7 +46,7 @@ from torchvision.transforms import v2
 from datamodules.base import DatasetNotFoundError, ZooDataModule, read_image, require_path
 from datamodules.classification import IMAGENET_MEAN, IMAGENET_STD
 from datamodules.sampler import BalancedClassSampler
-from datamodules.toybirds import write_toy_birds
+from datamodules.generated.finegrained_toybirds import write_toy_birds
 
 __all__ = [
     "FineGrainedDataset",
@@ -638,7 +638,7 @@ class StanfordCarsDataModule(FineGrainedDataModule):
 
 
 class ToyBirdsDataModule(CUBDataModule):
-    """The embedded default: procedural "toy birds" (``datamodules.toybirds``) in CUB-200-2011's layout, no download.
+    """The embedded default: procedural "toy birds" (``datamodules.generated.finegrained_toybirds``) in CUB-200-2011's layout, no download.
 
     Twelve classes that differ in one small part each (beak colour × wing bars × tail shape) on cluttered
     backgrounds; written to ``root`` on first use (deterministic from ``bird_seed``, a few seconds) and read back by
@@ -671,3 +671,7 @@ class ToyBirdsDataModule(CUBDataModule):
 
     def prepare_data(self) -> None:
         write_toy_birds(self.root, **self.bird_args)
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        self.prepare_data()  # a no-op once the set is installed (e.g. when prepare_data already ran on this node)
+        super().setup(stage)

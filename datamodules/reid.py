@@ -21,7 +21,7 @@ the label is the image's *dataset index* (target identities are never used).
 streams of ``len(source) // (batch × world)`` steps per epoch (an epoch is one pass over the source, and the target
 stream restarts as ECN's does), sharded across DDP ranks by ``ShardedRandomBatchSampler``; validation and test
 serve the target's ``query`` then ``bounding_box_test`` as two loaders of ``(images, pids, cameras, indices)``,
-split across ranks. ``SyntheticReIDDataModule`` writes and serves the embedded default (``datamodules.toypeople``).
+split across ranks. ``SyntheticReIDDataModule`` writes and serves the embedded default (``datamodules.generated.reid_toypeople``).
 """
 
 from __future__ import annotations
@@ -332,7 +332,7 @@ class CrossDomainReIDDataModule(ZooDataModule):
 
 
 class SyntheticReIDDataModule(CrossDomainReIDDataModule):
-    """The embedded default: ``datamodules.toypeople`` writes a source and a target domain in Market-1501 layout
+    """The embedded default: ``datamodules.generated.reid_toypeople`` writes a source and a target domain in Market-1501 layout
     (with CamStyle fakes) under ``root`` on first use, then they are read like the real sets.
 
     ``direction="source2target"`` adapts from the mild-camera domain to the strong-camera one (the default, the
@@ -353,11 +353,10 @@ class SyntheticReIDDataModule(CrossDomainReIDDataModule):
         self.root, self.generator_seed = Path(root), generator_seed
 
     def prepare_data(self) -> None:
-        from datamodules.toypeople import write_synthetic_reid
+        from datamodules.generated.reid_toypeople import write_synthetic_reid
 
         write_synthetic_reid(self.root, seed=self.generator_seed)
 
     def setup(self, stage: Optional[str] = None) -> None:
-        if not (self.root / "synthetic_reid.json").exists():  # e.g. setup() called directly, without a Trainer
-            self.prepare_data()
+        self.prepare_data()  # a no-op once the set is installed (e.g. when prepare_data already ran on this node)
         super().setup(stage)

@@ -169,7 +169,7 @@ def test_configs_run_and_ddp_ranks_train_on_disjoint_classes(tmp_path):
 def test_every_config_runs_fast_dev_run_on_a_cub_format_tree(tmp_path, config):
     from conftest import ROOT, run_zoo
 
-    from datamodules.toybirds import write_toy_birds
+    from datamodules.generated.finegrained_toybirds import write_toy_birds
 
     root = tmp_path / "birds"
     write_toy_birds(root, train_per_class=4, test_per_class=2)

@@ -17,7 +17,8 @@ from torchvision import tv_tensors
 from datamodules.base import CorruptImageError, DatasetNotFoundError
 from datamodules.detection import (VOC_CLASSES, AspectRatioBatchSampler, CocoDetection, CocoDetectionDataModule,
                                    DigitCanvasDataModule, ResizeShortestSide, VOCDetection, VOCDetectionDataModule,
-                                   detection_collate, detection_transform, resize_digit, write_digit_canvas)
+                                   detection_collate, detection_transform)
+from datamodules.generated.detection_digit_canvas import resize_digit, write_digit_canvas
 
 # --------------------------------------------------------------------------------------------------------------------
 # Fixtures in the real formats

@@ -205,7 +205,7 @@ def test_two_process_ddp_ranks_hold_the_same_memory_and_disjoint_target_batches(
 
     from conftest import run_zoo
 
-    from datamodules.toypeople import write_synthetic_reid
+    from datamodules.generated.reid_toypeople import write_synthetic_reid
 
     write_synthetic_reid(tmp_path / "people")  # once, before the two processes start
     out = tmp_path / "record"

@@ -364,7 +364,7 @@ def test_baseline_finetunes_a_head_inside_test_without_touching_the_backbone(tmp
     trainer.test(model, dm, verbose=False)  # Lightning's default inference_mode=True
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     metrics = trainer.callback_metrics
-    assert metrics["test/episodes_3way1shot"] == 5 and metrics["test/episodes_3way2shot"] == 3
+    assert metrics["test/num_episodes_3way1shot"] == 5 and metrics["test/num_episodes_3way2shot"] == 3
     assert 0 <= metrics["test/acc_3way1shot"] <= 100
 
 
@@ -411,8 +411,8 @@ def test_ddp_two_processes_draw_different_episodes_and_gather_all_test_episodes(
     metrics = (tmp_path / "run").rglob("metrics.csv")
     import csv
 
-    rows = [r for r in csv.DictReader(open(next(metrics))) if r.get("test/episodes_3way1shot")]
-    assert float(rows[-1]["test/episodes_3way1shot"]) == 7  # gathered from both ranks, none twice
+    rows = [r for r in csv.DictReader(open(next(metrics))) if r.get("test/num_episodes_3way1shot")]
+    assert float(rows[-1]["test/num_episodes_3way1shot"]) == 7  # gathered from both ranks, none twice
 
 
 FEWSHOT_CONFIGS = sorted((ROOT / "configs" / "fewshot").glob("*.yaml"))

@@ -314,7 +314,7 @@ def _write_domains(root, count=4, size=16):
 def _fit(model, root, max_epochs, ckpt_path=None, checkpoint_dir=None):
     import lightning as L
 
-    from datamodules.unpaired import UnpairedDataModule
+    from datamodules.gan import UnpairedDataModule
     from zoo.callbacks import LastCheckpoint
 
     data = UnpairedDataModule(str(root), image_size=16, load_size=None, flip=False, batch_size=2, steps_per_epoch=2,

@@ -1,4 +1,4 @@
-"""The procedural glyph set (``datamodules.glyphs``): Omniglot's layout, determinism, caching and class structure."""
+"""The procedural glyph set (``datamodules.generated.fewshot_glyphs``): Omniglot's layout, determinism, caching and class structure."""
 
 import json
 import re
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import datamodules.glyphs as glyphs
-from datamodules.glyphs import GLYPHS_VERSION, write_glyph_omniglot
+import datamodules.generated.fewshot_glyphs as glyphs
+from datamodules.generated.fewshot_glyphs import GLYPHS_VERSION, write_glyph_omniglot
 
 TINY = dict(background_alphabets=2, evaluation_alphabets=1, characters_per_alphabet=3, drawers=4)
 # <split>/<Alphabet>/character<NN>/<CCCC>_<DD>.png, as in brendenlake/omniglot's images_*.zip

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from datamodules.finegrained import CUBDataModule, ToyBirdsDataModule
-from datamodules.toybirds import BEAK_COLOURS, TOY_BIRD_CLASSES, write_toy_birds
+from datamodules.generated.finegrained_toybirds import BEAK_COLOURS, TOY_BIRD_CLASSES, write_toy_birds
 
 
 def _table(folder, name):

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from datamodules import toypeople
-from datamodules.toypeople import SOURCE_CAMERAS, TARGET_CAMERAS, write_synthetic_reid
+from datamodules.generated import reid_toypeople as toypeople
+from datamodules.generated.reid_toypeople import SOURCE_CAMERAS, TARGET_CAMERAS, write_synthetic_reid
 
 MARKET = re.compile(r"^([-\d]+)_c(\d)s(\d)_(\d{6})_(\d{2})\.jpg$")
 FAKE = re.compile(r"^(.+)_fake_(\d)to(\d)\.jpg$")

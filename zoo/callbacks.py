@@ -16,13 +16,16 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torch import nn
 from torchvision.utils import make_grid, save_image
 
 from zoo.checkpoint import load_weights
 
-__all__ = ["log_images", "LearningRateLogger", "LastCheckpoint", "NonFiniteLossError", "NonFiniteLossGuard", "FineTuning"]
+__all__ = [
+    "log_images", "ImageLogger", "LearningRateLogger", "LastCheckpoint", "NonFiniteLossError", "NonFiniteLossGuard",
+    "FineTuning",
+]
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +48,67 @@ def log_images(trainer: "L.Trainer", key: str, images: torch.Tensor, captions: S
         out = Path(trainer.default_root_dir) / png_name
         out.parent.mkdir(parents=True, exist_ok=True)
         save_image(images, out, nrow=nrow)
+
+
+class ImageLogger(Callback):
+    """Base of the callbacks that draw pictures for the dashboard (CAM overlays, detections, rank lists, translations,
+    API-Net pairs, few-shot episodes), with the one cadence rule they all follow.
+
+    A picture of epoch ``e`` (0-based) is drawn when ``(e + 1) % every_n_epochs == 0`` or ``e`` is the run's last epoch,
+    never during the sanity check (``should_draw``); after every test. Drawing happens on rank 0, in eval mode and
+    without gradients, and the model's mode is restored afterwards.
+
+    A subclass implements ``draw(trainer, pl_module, stage)`` (``stage`` is ``"val"`` or ``"test"``) and sends its
+    images with ``log_images``; it picks where to draw with the class attributes ``after_validation`` and
+    ``after_test``, or calls ``should_draw`` from another hook (the pair logger draws on a training batch).
+
+    Args:
+        every_n_epochs: the drawing period in training epochs.
+    """
+
+    after_validation: bool = True
+    after_test: bool = True
+
+    def __init__(self, every_n_epochs: int = 1) -> None:
+        if every_n_epochs < 1:
+            raise ValueError(f"every_n_epochs must be ≥ 1, got {every_n_epochs}")
+        self.every_n_epochs = every_n_epochs
+
+    def draw(self, trainer: "L.Trainer", pl_module: "L.LightningModule", stage: str) -> None:
+        raise NotImplementedError(f"{type(self).__name__} must implement draw(trainer, pl_module, stage)")
+
+    @staticmethod
+    def is_last_epoch(trainer: "L.Trainer") -> bool:
+        """The current epoch is the last one: ``max_epochs`` is reached with it, or ``max_steps`` already is."""
+        epochs, steps = trainer.max_epochs, trainer.max_steps
+        if epochs is not None and epochs > 0 and trainer.current_epoch >= epochs - 1:
+            return True
+        return steps is not None and steps > 0 and trainer.global_step >= steps
+
+    def should_draw(self, trainer: "L.Trainer") -> bool:
+        """The cadence rule (see the class docstring) for the current training epoch."""
+        if trainer.sanity_checking:
+            return False
+        return (trainer.current_epoch + 1) % self.every_n_epochs == 0 or self.is_last_epoch(trainer)
+
+    @torch.no_grad()
+    def draw_in_eval_mode(self, trainer: "L.Trainer", pl_module: "L.LightningModule", stage: str) -> None:
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            self.draw(trainer, pl_module, stage)
+        finally:
+            pl_module.train(was_training)
+
+    @rank_zero_only
+    def on_validation_end(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> None:
+        if self.after_validation and self.should_draw(trainer):
+            self.draw_in_eval_mode(trainer, pl_module, "val")
+
+    @rank_zero_only
+    def on_test_end(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> None:
+        if self.after_test:
+            self.draw_in_eval_mode(trainer, pl_module, "test")
 
 
 class LearningRateLogger(LearningRateMonitor):

@@ -25,10 +25,8 @@ from typing import Optional
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_only
 
-from zoo.callbacks import log_images
+from zoo.callbacks import ImageLogger, log_images
 
 __all__ = ["class_activation_maps", "normalize_maps", "colorize", "overlay_maps", "CAMLogger"]
 
@@ -77,8 +75,9 @@ def overlay_maps(images: torch.Tensor, maps: torch.Tensor, alpha: float = 0.5) -
     return (1 - alpha) * images + alpha * heat
 
 
-class CAMLogger(Callback):
-    """Logs CAM overlays of a fixed set of validation images after every ``every_n_epochs`` validation epochs.
+class CAMLogger(ImageLogger):
+    """Logs CAM overlays of a fixed set of validation images after validation, every ``every_n_epochs`` epochs and
+    after the last (``zoo.callbacks.ImageLogger``'s cadence).
 
     The images are the first ``num_images`` of the datamodule's ``val_set`` (or of the first validation batch), the
     same every epoch, so the maps can be watched sharpening. Each overlay shows the CAM of the predicted class, with
@@ -89,12 +88,15 @@ class CAMLogger(Callback):
 
     Args:
         num_images: how many validation images to follow.
-        every_n_epochs: logging period in validation epochs.
+        every_n_epochs: logging period in training epochs.
         display_size: overlays are upscaled (nearest) to at least this many pixels per side for viewing.
     """
 
+    after_test = False
+
     def __init__(self, num_images: int = 8, every_n_epochs: int = 1, display_size: int = 128) -> None:
-        self.num_images, self.every_n_epochs, self.display_size = num_images, every_n_epochs, display_size
+        super().__init__(every_n_epochs)
+        self.num_images, self.display_size = num_images, display_size
         self._images: Optional[torch.Tensor] = None
         self._labels: Optional[torch.Tensor] = None
 
@@ -111,13 +113,9 @@ class CAMLogger(Callback):
             self._images, self._labels = images, labels
         return self._images, self._labels
 
-    @rank_zero_only
-    def on_validation_epoch_end(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> None:
-        if trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs:
-            return
+    def draw(self, trainer: "L.Trainer", pl_module: "L.LightningModule", stage: str) -> None:
         images, labels = self._fixed_batch(trainer)
-        with torch.no_grad():
-            logits, maps = pl_module.class_activation_maps(images.to(pl_module.device))
+        logits, maps = pl_module.class_activation_maps(images.to(pl_module.device))
         probs = logits.float().softmax(-1)
         preds = probs.argmax(-1)
         pred_maps = maps[torch.arange(len(preds), device=maps.device), preds]  # (B, h, w)
@@ -132,4 +130,4 @@ class CAMLogger(Callback):
             f"label {names[int(t)]} / pred {names[int(p)]} ({float(probs[i, p]):.2f})"
             for i, (t, p) in enumerate(zip(labels.tolist(), preds.tolist()))
         ]
-        log_images(trainer, "val/cam", overlays, captions, png_name=f"cam/epoch={trainer.current_epoch:03d}.png")
+        log_images(trainer, f"{stage}/cam", overlays, captions, png_name=f"cam/epoch={trainer.current_epoch:03d}.png")

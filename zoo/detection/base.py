@@ -16,8 +16,9 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import batched_nms, clip_boxes_to_image
 
+from zoo.contracts import check_num_classes
 from zoo.detection.evaluation import DetectionMetrics
-from zoo.semisup.base import check_num_classes
+from zoo.schedules import warmup_multistep
 
 __all__ = ["DetectionModule", "select_detections"]
 
@@ -201,12 +202,6 @@ class DetectionModule(L.LightningModule):
             optimizer = torch.optim.AdamW(groups, lr=hp.lr)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         milestones = [int(m * total) for m in hp.lr_milestones]
-
-        def factor(step: int) -> float:
-            warmup = 1.0
-            if step < hp.warmup_iters:
-                warmup = hp.warmup_factor + (1 - hp.warmup_factor) * step / hp.warmup_iters
-            return warmup * hp.lr_gamma ** sum(step >= m for m in milestones)
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_multistep(
+            step, milestones, hp.lr_gamma, hp.warmup_iters, hp.warmup_factor))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import WandbLogger
-from lightning.pytorch.utilities import rank_zero_only
 from torchvision.utils import draw_bounding_boxes
 
-from zoo.callbacks import log_images
+from zoo.callbacks import ImageLogger, log_images
 
 __all__ = ["DetectionSamples"]
 
 
-class DetectionSamples(Callback):
-    """After each validation (every ``every_n_epochs``) and test: the first ``num_images`` validation images with the
+class DetectionSamples(ImageLogger):
+    """After validation (``zoo.callbacks.ImageLogger``'s cadence) and test: the first ``num_images`` validation images with the
     ground truth (green) and the detections scoring at least ``min_score`` (red, with class and score).
 
     On W&B the boxes are also sent as interactive ``wandb.Image`` box layers (ground truth and predictions, with a
@@ -23,19 +21,17 @@ class DetectionSamples(Callback):
     """
 
     def __init__(self, num_images: int = 8, min_score: float = 0.3, every_n_epochs: int = 1) -> None:
-        self.num_images, self.min_score, self.every_n_epochs = num_images, min_score, every_n_epochs
+        super().__init__(every_n_epochs)
+        self.num_images, self.min_score = num_images, min_score
 
-    def _log(self, trainer: "L.Trainer", pl_module: "L.LightningModule", stage: str) -> None:
+    def draw(self, trainer: "L.Trainer", pl_module: "L.LightningModule", stage: str) -> None:
         datamodule = trainer.datamodule
         dataset = getattr(datamodule, "val_set", None) if datamodule is not None else None
         if dataset is None or len(dataset) == 0:
             return
         items = [dataset[i] for i in range(min(self.num_images, len(dataset)))]
         images = [image.to(pl_module.device) for image, _ in items]
-        was_training = pl_module.training
-        pl_module.eval()
         detections = pl_module.predict_images(images)
-        pl_module.train(was_training)
         names = list(getattr(datamodule, "class_names", [])) or [str(i) for i in range(pl_module.hparams.num_classes)]
         drawn, captions = [], []
         for image, (_, target), det in zip(images, items, detections):
@@ -81,13 +77,3 @@ class DetectionSamples(Callback):
                 "predictions": layer(det["boxes"].cpu(), det["labels"].cpu(), det["scores"].cpu())}))
         # As WandbLogger.log_metrics does: the trainer step as a metric, not W&B's own (monotonic) step counter.
         logger.experiment.log({f"{stage}/detection_boxes": pictures, "trainer/global_step": step})
-
-    @rank_zero_only
-    def on_validation_end(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> None:
-        last_epoch = trainer.current_epoch == trainer.max_epochs - 1
-        if not trainer.sanity_checking and (trainer.current_epoch % self.every_n_epochs == 0 or last_epoch):
-            self._log(trainer, pl_module, "val")
-
-    @rank_zero_only
-    def on_test_end(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> None:
-        self._log(trainer, pl_module, "test")

@@ -12,6 +12,8 @@ from torch import nn
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
+from zoo.contracts import pyramid_channels
+
 __all__ = ["FeaturePyramid", "freeze_"]
 
 
@@ -48,17 +50,15 @@ class FeaturePyramid(nn.Module):
     def __init__(self, body: nn.Module, out_channels: int = 256, extra_levels: int = 0, freeze_bn: bool = False,
                  frozen_prefixes: Sequence[str] = ()) -> None:
         super().__init__()
-        if not isinstance(getattr(body, "out_channels", None), list) or not hasattr(body, "reductions"):
-            raise ValueError(f"{type(body).__name__} must expose `out_channels: list[int]` and `reductions: list[int]` "
-                             "(use zoo.backbones.TimmFeatures or StridedConvFeatures)")
+        channels, reductions = pyramid_channels(body)
         if extra_levels not in (0, 2):
             raise ValueError(f"extra_levels must be 0 or 2 (P6, P7), got {extra_levels}")
         self.body = freeze_(body, freeze_bn, frozen_prefixes)
         extra = LastLevelP6P7(out_channels, out_channels) if extra_levels else None
-        self.fpn = FeaturePyramidNetwork(list(body.out_channels), out_channels, extra_blocks=extra)
+        self.fpn = FeaturePyramidNetwork(channels, out_channels, extra_blocks=extra)
         self.out_channels = out_channels
-        last = body.reductions[-1]
-        self.strides: list[int] = list(body.reductions) + [last * 2 ** (i + 1) for i in range(extra_levels)]
+        last = reductions[-1]
+        self.strides: list[int] = list(reductions) + [last * 2 ** (i + 1) for i in range(extra_levels)]
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         features = self.body(images)

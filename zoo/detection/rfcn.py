@@ -29,6 +29,7 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 from torchvision.ops import box_iou, ps_roi_align
 
+from zoo.contracts import pyramid_channels
 from zoo.detection.base import DetectionModule, ImageSizes, select_detections
 from zoo.detection.fpn import freeze_
 
@@ -120,8 +121,8 @@ class RFCN(DetectionModule):
                  nms_threshold: float = 0.3, **kwargs: Any) -> None:
         super().__init__(num_classes=num_classes, nms_threshold=nms_threshold, **kwargs)
         self.save_hyperparameters(ignore=["body"])
-        channels, reductions = getattr(body, "out_channels", None), getattr(body, "reductions", [])
-        if not isinstance(channels, list) or len(channels) != 2 or len(reductions) != 2 or len(set(reductions)) != 1:
+        channels, reductions = pyramid_channels(body)
+        if len(channels) != 2 or len(set(reductions)) != 1:
             raise ValueError(f"R-FCN needs a body returning [block4, block5] at one stride (got channels {channels}, "
                              f"strides {reductions}): e.g. TimmFeatures(out_indices=[3, 4], output_stride=16)")
         self.body = freeze_(body, freeze_bn, frozen_prefixes)

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
+from zoo.contracts import check_num_classes
 from zoo.fewshot.episodic import EpisodicModule, query_targets
 
 __all__ = ["CosineClassifier", "make_classifier", "finetune_classifier", "Baseline"]
@@ -125,9 +126,7 @@ class Baseline(EpisodicModule):
         self.finetune_epochs, self.finetune_batch_size, self.finetune_lr = finetune_epochs, finetune_batch_size, finetune_lr
 
     def on_fit_start(self) -> None:
-        data_classes = getattr(self.trainer.datamodule, "num_classes", None)
-        if data_classes is not None and data_classes != self.num_classes:
-            raise ValueError(f"model.num_classes={self.num_classes} but the data has {data_classes} base classes")
+        check_num_classes(self, self.num_classes, what="base classes")
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         if len(batch) != 2:

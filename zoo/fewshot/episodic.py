@@ -74,7 +74,8 @@ class EpisodicModule(L.LightningModule):
     """Base LightningModule of the episodic methods: trains on one episode per step, evaluates on fixed episodes.
 
     Logs ``train/loss``, ``train/acc`` (%), ``val/acc`` (mean over the fixed validation episodes, gathered over
-    ranks), and for every test setting ``test/acc_<N>way<K>shot`` and ``test/ci95_<N>way<K>shot``.
+    ranks), and for every test setting ``test/acc_<N>way<K>shot``, ``test/ci95_<N>way<K>shot`` and
+    ``test/num_episodes_<N>way<K>shot``.
 
     Args:
         backbone: the embedding network ``f``: images ``(B, C, H, W)`` → features (flattened by ``embed``).
@@ -162,7 +163,7 @@ class EpisodicModule(L.LightningModule):
             mean, ci95 = mean_ci95(accuracies)
             self.log(f"test/acc_{setting}", mean, add_dataloader_idx=False)
             self.log(f"test/ci95_{setting}", ci95, add_dataloader_idx=False)
-            self.log(f"test/episodes_{setting}", float(len(accuracies)), add_dataloader_idx=False)
+            self.log(f"test/num_episodes_{setting}", float(len(accuracies)), add_dataloader_idx=False)
         self.test_accuracies.clear()
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, torch.Tensor]:

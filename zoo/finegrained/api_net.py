@@ -19,11 +19,13 @@ from __future__ import annotations
 import math
 from typing import Any, NamedTuple
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
+
+from zoo.classifier import ClassificationModule
+from zoo.contracts import feature_channels
 
 __all__ = ["mine_pairs", "PairInteraction", "PairOutputs", "api_net_loss", "APINet"]
 
@@ -111,7 +113,7 @@ def api_net_loss(
     return cross_entropy + rank_weight * rank_loss, cross_entropy, rank_loss, (p_self - p_other).detach()
 
 
-class APINet(L.LightningModule):
+class APINet(ClassificationModule):
     """API-Net on any backbone: pair mining, attentive interaction and the two losses in training; ``fc(x)`` at test.
 
     Args:
@@ -134,6 +136,7 @@ class APINet(L.LightningModule):
 
     def __init__(
         self,
+        *,
         backbone: nn.Module,
         num_classes: int,
         hidden: int = 512,
@@ -146,18 +149,14 @@ class APINet(L.LightningModule):
         backbone_lr: float | None = None,
         freeze_epochs: int = 8,
     ) -> None:
-        super().__init__()
+        super().__init__(num_classes=num_classes)
         self.save_hyperparameters()
-        if not isinstance(getattr(backbone, "out_channels", None), int):
-            raise ValueError(f"backbone {type(backbone).__name__} must expose an int `out_channels`")
         self.backbone = backbone
-        dim = backbone.out_channels
+        dim = feature_channels(backbone)
         self.interaction = PairInteraction(dim, hidden, dropout)
         self.dropout = nn.Dropout(dropout)
         self.fc = nn.Linear(dim, num_classes)
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         # Adaptive pooling + flatten: the official AvgPool2d(14) + squeeze() only works at 448 px and batch > 1.
@@ -166,14 +165,6 @@ class APINet(L.LightningModule):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Test-time logits: backbone and classifier on single images."""
         return self.fc(self.features(images))
-
-    def setup(self, stage: str) -> None:
-        data_classes = getattr(self.trainer.datamodule, "num_classes", None) if self._trainer else None
-        if data_classes is not None and data_classes != self.hparams.num_classes:
-            raise ValueError(
-                f"model.num_classes is {self.hparams.num_classes} but the data has {data_classes} classes: "
-                f"set `model.init_args.num_classes: {data_classes}`"
-            )
 
     def pair_forward(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """The training forward: features, mined pairs, attentive features, their logits and the losses."""
@@ -214,25 +205,6 @@ class APINet(L.LightningModule):
         if self.current_epoch < self.hparams.freeze_epochs:
             for parameter in self.backbone.parameters():
                 parameter.grad = None
-
-    def _eval_step(self, batch: Any, stage: str) -> None:
-        images, labels = batch[0], batch[1]
-        logits = self(images)
-        accuracy = getattr(self, f"{stage}_acc")
-        accuracy(logits, labels)
-        self.log(f"{stage}/loss", F.cross_entropy(logits, labels), on_epoch=True, sync_dist=True, batch_size=len(labels))
-        self.log(f"{stage}/acc", accuracy, on_epoch=True, prog_bar=True)
-
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        self._eval_step(batch, "val")
-
-    def test_step(self, batch: Any, batch_idx: int) -> None:
-        self._eval_step(batch, "test")
-
-    def predict_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
-        images = batch[0] if isinstance(batch, (list, tuple)) else batch
-        probs = self(images).softmax(-1)
-        return {"probs": probs, "preds": probs.argmax(-1)}
 
     def configure_optimizers(self) -> Any:
         # One SGD with two groups is the official pair of SGD optimisers (SGD treats parameters independently).

@@ -6,17 +6,17 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_only
 from torchvision.utils import make_grid
 
-from zoo.callbacks import log_images
+from zoo.callbacks import ImageLogger, log_images
 
 __all__ = ["PairLogger"]
 
 
-class PairLogger(Callback):
-    """Every ``every_n_epochs`` epochs, logs the pairs API-Net mines in the first training batch.
+class PairLogger(ImageLogger):
+    """Logs the pairs API-Net mines in the first training batch of an epoch, every ``every_n_epochs`` epochs and in
+    the last (``zoo.callbacks.ImageLogger``'s cadence).
 
     One row per anchor image: the anchor, its nearest same-class partner, its nearest other-class partner. Each
     caption gives the classes, the mean gate value of each image of the pair and ``p_self − p_other`` (how much its
@@ -28,23 +28,26 @@ class PairLogger(Callback):
         every_n_epochs: logging period.
     """
 
+    after_validation = after_test = False
+
     def __init__(self, num_anchors: int = 6, every_n_epochs: int = 5) -> None:
-        self.num_anchors, self.every_n_epochs = num_anchors, every_n_epochs
+        super().__init__(every_n_epochs)
+        self.num_anchors = num_anchors
+        self._batch: Any = None
 
     @rank_zero_only
     def on_train_batch_end(self, trainer: "L.Trainer", pl_module: "L.LightningModule", outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        last_epoch = trainer.current_epoch == trainer.max_epochs - 1
-        if batch_idx != 0 or not (trainer.current_epoch % self.every_n_epochs == 0 or last_epoch):
-            return
+        if batch_idx == 0 and self.should_draw(trainer):
+            self._batch = batch
+            self.draw_in_eval_mode(trainer, pl_module, "train")
+            self._batch = None
+
+    def draw(self, trainer: "L.Trainer", pl_module: "L.LightningModule", stage: str) -> None:
         if not hasattr(pl_module, "pair_forward"):
             raise TypeError(f"PairLogger needs a model with `pair_forward` (API-Net), got {type(pl_module).__name__}")
-        images, labels = batch[0], batch[1]
-        was_training = pl_module.training
-        pl_module.eval()
-        with torch.no_grad():
-            out = pl_module.pair_forward(images, labels)
-        pl_module.train(was_training)
+        images, labels = self._batch[0], self._batch[1]
+        out = pl_module.pair_forward(images, labels)
 
         # Pair i joins first[i] and second[i]; its margin entry i is the first image's p_self − p_other.
         same_class = labels[out["first"]] == labels[out["second"]]
@@ -71,5 +74,5 @@ class PairLogger(Callback):
                 f"p_self−p_other {margin[i_other]:+.2f}"
             )
         grid = make_grid(torch.stack(rows).cpu(), nrow=3, padding=2, pad_value=1.0)
-        log_images(trainer, "train/pairs", grid.unsqueeze(0), ["rows: anchor | nearest same class | nearest other "
+        log_images(trainer, f"{stage}/pairs", grid.unsqueeze(0), ["rows: anchor | nearest same class | nearest other "
                    "class; " + " || ".join(captions)], png_name=f"pairs/epoch{trainer.current_epoch:03d}.png")

@@ -1,6 +1,6 @@
 """The training skeleton U-GAT-IT and NICE-GAN share: two domains, two optimisers, one step of each per batch.
 
-A training batch from ``datamodules.unpaired`` is ``{"A": (images_a, labels_a, index_a), "B": (...)}``, independent
+A training batch from ``datamodules.gan`` is ``{"A": (images_a, labels_a, index_a), "B": (...)}``, independent
 draws from the two domains; labels are ``-1`` unless the dataset ships them for evaluation, and training never reads
 them. Validation, test and predict serve ``testA`` (loader 0) and ``testB`` (loader 1); every step returns the real
 images and their translation to the other domain, which ``zoo.gan.evaluation.TranslationMetrics`` turns into KID and
@@ -20,7 +20,7 @@ import lightning as L
 import torch
 from torch import nn
 
-from zoo.gan.layers import half_then_linear_decay
+from zoo.schedules import half_then_linear_decay
 
 __all__ = ["UnpairedTranslationModule"]
 

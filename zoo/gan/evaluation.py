@@ -22,13 +22,12 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
 from torch.utils.data import Dataset
 from torchvision.utils import make_grid
 from torchmetrics.image.kid import poly_mmd
 
-from zoo.callbacks import log_images
+from zoo.callbacks import ImageLogger, log_images
 from zoo.distributed import gather_by_index
 
 __all__ = ["kernel_inception_distance", "TranslationJudge", "train_judge", "TranslationMetrics", "TranslationGrid"]
@@ -179,7 +178,7 @@ class TranslationMetrics(Callback):
         datamodule = trainer.datamodule
         if datamodule is None or not hasattr(datamodule, "judge_training_sets"):
             raise RuntimeError("TranslationMetrics(features='judge') needs a datamodule with judge_training_sets() "
-                               "(datamodules.unpaired.UnpairedDataModule)")
+                               "(datamodules.gan.UnpairedDataModule)")
         train_a, train_b, num_classes = datamodule.judge_training_sets()
         judge = train_judge(train_a, train_b, num_classes, epochs=self.judge_epochs, seed=self.seed,
                             device=pl_module.device)
@@ -276,15 +275,15 @@ class TranslationMetrics(Callback):
         self._score(pl_module, "test")
 
 
-class TranslationGrid(Callback):
-    """After each validation (every ``every_n_epochs``) and test, the first ``num_images`` test images of each
-    domain: rows of real, translation, and cycle back (real → other domain → real domain)."""
+class TranslationGrid(ImageLogger):
+    """After validation (``zoo.callbacks.ImageLogger``'s cadence) and test, the first ``num_images`` test images of
+    each domain: rows of real, translation, and cycle back (real → other domain → real domain)."""
 
     def __init__(self, num_images: int = 8, every_n_epochs: int = 1) -> None:
-        self.num_images, self.every_n_epochs = num_images, every_n_epochs
+        super().__init__(every_n_epochs)
+        self.num_images = num_images
 
-    @torch.no_grad()
-    def _log(self, trainer: "L.Trainer", pl_module: "L.LightningModule", stage: str) -> None:
+    def draw(self, trainer: "L.Trainer", pl_module: "L.LightningModule", stage: str) -> None:
         datamodule = trainer.datamodule
         test_sets = getattr(datamodule, "test_sets", None)
         if not test_sets:
@@ -301,16 +300,3 @@ class TranslationGrid(Callback):
         grid = make_grid((torch.cat(rows).float().cpu().clamp(-1, 1) + 1) / 2, nrow=width, padding=2, pad_value=1.0)
         log_images(trainer, f"{stage}/translations", grid.unsqueeze(0), ["rows: A, A→B, A→B→A, B, B→A, B→A→B"],
                    png_name=f"translations/{stage}_epoch{trainer.current_epoch:03d}.png")
-
-    @rank_zero_only
-    def on_validation_end(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> None:
-        last_epoch = trainer.current_epoch == trainer.max_epochs - 1
-        if not trainer.sanity_checking and (trainer.current_epoch % self.every_n_epochs == 0 or last_epoch):
-            was_training = pl_module.training
-            pl_module.eval()
-            self._log(trainer, pl_module, "val")
-            pl_module.train(was_training)
-
-    @rank_zero_only
-    def on_test_end(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> None:
-        self._log(trainer, pl_module, "test")

@@ -4,9 +4,9 @@
   ``ρ·IN(x) + (1 − ρ)·LN(x)``, then an affine map with ``γ, β`` from the generator's MLP (AdaILN) or learned (ILN).
 * ``ClassActivationAttention``: the CAM block of generators and discriminators (§2.1.1): an auxiliary domain
   classifier on the global-average- and global-max-pooled feature map, whose weights re-weight the map's channels.
-* LSGAN losses (Mao et al. 2017), the linear learning-rate decay of the second half of training, spectral
-  normalisation (Miyato et al. 2018) through ``torch.nn.utils.parametrizations``, and the key map that loads official
-  checkpoints saved with the legacy ``torch.nn.utils.spectral_norm``.
+* LSGAN losses (Mao et al. 2017), spectral normalisation (Miyato et al. 2018) through
+  ``torch.nn.utils.parametrizations``, and the key map that loads official checkpoints saved with the legacy
+  ``torch.nn.utils.spectral_norm``. The learning-rate schedule is ``zoo.schedules.half_then_linear_decay``.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from torch.nn.utils.parametrizations import spectral_norm
 
 __all__ = [
     "instance_and_layer_norm", "AdaILN", "ILN", "clip_rho_", "ClassActivationAttention", "lsgan_d_loss",
-    "lsgan_g_loss", "half_then_linear_decay", "check_patch_depth", "spectral_norm", "legacy_spectral_norm_state_dict",
+    "lsgan_g_loss", "check_patch_depth", "spectral_norm", "legacy_spectral_norm_state_dict",
 ]
 
 
@@ -117,16 +117,6 @@ def lsgan_d_loss(real: Iterable[torch.Tensor], fake: Iterable[torch.Tensor]) -> 
 def lsgan_g_loss(fake: Iterable[torch.Tensor]) -> torch.Tensor:
     """Least-squares generator loss summed over the discriminators' outputs on fakes: ``Σ E[(D(G(x)) − 1)²]``."""
     return sum(F.mse_loss(f, torch.ones_like(f)) for f in fake)
-
-
-def half_then_linear_decay(total_steps: int):
-    """LR factor for ``LambdaLR``: 1 for the first half of ``total_steps``, then linear to 0 at the end (both papers)."""
-    half = max(total_steps // 2, 1)
-
-    def factor(step: int) -> float:
-        return 1.0 if step <= half else max(0.0, 1.0 - (step - half) / max(total_steps - half, 1))
-
-    return factor
 
 
 def check_patch_depth(img_size: int, stride2_convs: int, what: str) -> None:

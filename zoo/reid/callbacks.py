@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_only
 from torchvision.utils import make_grid
 
-from zoo.callbacks import log_images
+from zoo.callbacks import ImageLogger, log_images
 
 __all__ = ["RankListLogger"]
 
@@ -23,8 +21,8 @@ def _framed(image: torch.Tensor, colour: tuple[float, float, float], width: int)
     return frame
 
 
-class RankListLogger(Callback):
-    """After each validation (every ``every_n_epochs``) and test: one row per query, the query (blue frame) then its
+class RankListLogger(ImageLogger):
+    """After validation (``zoo.callbacks.ImageLogger``'s cadence) and test: one row per query, the query (blue frame) then its
     top ``top_k`` gallery images under the evaluation protocol, correct matches framed green and wrong ones red.
 
     Reads ``pl_module.last_rank_lists`` (filled by ``zoo.reid.ecn.ECN`` at the end of every evaluation) and the
@@ -33,9 +31,10 @@ class RankListLogger(Callback):
     """
 
     def __init__(self, num_queries: int = 6, top_k: int = 10, every_n_epochs: int = 5) -> None:
-        self.num_queries, self.top_k, self.every_n_epochs = num_queries, top_k, every_n_epochs
+        super().__init__(every_n_epochs)
+        self.num_queries, self.top_k = num_queries, top_k
 
-    def _log(self, trainer: "L.Trainer", pl_module: "L.LightningModule", stage: str) -> None:
+    def draw(self, trainer: "L.Trainer", pl_module: "L.LightningModule", stage: str) -> None:
         lists = getattr(pl_module, "last_rank_lists", None)
         datamodule = trainer.datamodule
         if not lists or lists["stage"] != stage or datamodule is None:
@@ -60,13 +59,3 @@ class RankListLogger(Callback):
         log_images(trainer, f"{stage}/rank_lists", grid.unsqueeze(0),
                    ["rows: query (blue) | top gallery, correct green, wrong red; " + " || ".join(captions)],
                    png_name=f"rank_lists/{stage}_epoch{trainer.current_epoch:03d}.png")
-
-    @rank_zero_only
-    def on_validation_end(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> None:
-        last_epoch = trainer.current_epoch == trainer.max_epochs - 1
-        if not trainer.sanity_checking and (trainer.current_epoch % self.every_n_epochs == 0 or last_epoch):
-            self._log(trainer, pl_module, "val")
-
-    @rank_zero_only
-    def on_test_end(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> None:
-        self._log(trainer, pl_module, "test")

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
+from zoo.contracts import check_num_classes, feature_channels
 from zoo.distributed import gather_by_index
 from zoo.reid.evaluation import rank_lists, reid_metrics
 
@@ -182,14 +183,12 @@ class ECN(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["backbone"])
-        if not isinstance(getattr(backbone, "out_channels", None), int):
-            raise ValueError(f"backbone {type(backbone).__name__} must expose an int `out_channels`")
         if frozen_bn not in ("official", "all", "none"):
             raise ValueError(f"frozen_bn must be 'official', 'all' or 'none', got {frozen_bn!r}")
         if eval_feature not in ("pool5", "embedding"):
             raise ValueError(f"eval_feature must be 'pool5' or 'embedding', got {eval_feature!r}")
         self.backbone = backbone
-        self.head = EmbeddingHead(backbone.out_channels, num_classes, embedding_dim, dropout, dropout_after_normalize)
+        self.head = EmbeddingHead(feature_channels(backbone), num_classes, embedding_dim, dropout, dropout_after_normalize)
         self.memory = ExemplarMemory(num_target_images or 0, embedding_dim)
         modules = dict(backbone.named_modules())
         unknown = [name for name in frozen_modules if name not in modules]
@@ -231,10 +230,8 @@ class ECN(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         datamodule = self.trainer.datamodule if self._trainer else None
-        data_classes = getattr(datamodule, "num_classes", None)
-        if stage == "fit" and data_classes is not None and data_classes != self.hparams.num_classes:
-            raise ValueError(f"model.num_classes is {self.hparams.num_classes} but the source domain has "
-                             f"{data_classes} identities: set `model.init_args.num_classes: {data_classes}`")
+        if stage == "fit":
+            check_num_classes(self, what="source identities")
         slots = getattr(datamodule, "num_target_images", None) if stage == "fit" else None
         if slots is not None and slots != len(self.memory.slots):
             if self.hparams.num_target_images is not None:

@@ -13,54 +13,20 @@ accuracy, never a loss.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Optional
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchmetrics.classification import MulticlassAccuracy
 
-from zoo.classification.classifier import ClassifierHead
+from zoo.classifier import ClassificationModule, Classifier
+from zoo.ema import EMATeacher
+from zoo.schedules import warmup_cosine
 
-__all__ = ["Classifier", "check_num_classes", "warmup_cosine", "SemiSupervisedClassifier"]
-
-
-class Classifier(nn.Module):
-    """Backbone feature map → global average pooling → dropout → linear."""
-
-    def __init__(self, backbone: nn.Module, num_classes: int, dropout: float = 0.0) -> None:
-        super().__init__()
-        if not isinstance(getattr(backbone, "out_channels", None), int):
-            raise ValueError(f"backbone {type(backbone).__name__} must expose an int `out_channels`")
-        self.backbone = backbone
-        self.head = ClassifierHead(backbone.out_channels, num_classes, dropout)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(images))
+__all__ = ["SemiSupervisedClassifier"]
 
 
-def check_num_classes(module: L.LightningModule) -> None:
-    """A clear error when the model's ``num_classes`` differs from the datamodule's."""
-    data_classes = getattr(module.trainer.datamodule, "num_classes", None)
-    if data_classes is not None and data_classes != module.hparams.num_classes:
-        raise ValueError(f"model.num_classes is {module.hparams.num_classes} but the data has {data_classes} "
-                         f"classes: set `model.init_args.num_classes: {data_classes}`")
-
-
-def warmup_cosine(step: int, total_steps: int, warmup_steps: int = 0, cycles: float = 7 / 16) -> float:
-    """Learning-rate factor: linear warm-up, then ``cos(π · cycles · k / K)`` over the remaining ``K`` steps.
-
-    ``cycles = 7/16`` is UDA's and FixMatch's schedule (ends at ≈0.2× the peak); ``0.5`` is the half cosine to zero of
-    Meta Pseudo Labels' PyTorch code.
-    """
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    k, span = step - warmup_steps, max(1, total_steps - warmup_steps)
-    return max(0.0, math.cos(math.pi * cycles * min(k, span) / span))
-
-
-class SemiSupervisedClassifier(L.LightningModule):
+class SemiSupervisedClassifier(ClassificationModule):
     """Supervised-only training on the labeled stream: the baseline every semi-supervised method is measured against.
 
     Args:
@@ -71,7 +37,10 @@ class SemiSupervisedClassifier(L.LightningModule):
         label_smoothing: on the supervised cross-entropy.
         lr, momentum, nesterov, weight_decay: the built-in SGD (UDA: 0.03, 0.9, Nesterov, 5e-4 on every weight, as
             UDA's L2 term is). A config's ``optimizer:`` / ``lr_scheduler:`` sections replace it.
-        warmup_steps, cosine_cycles: the per-step schedule ``warmup_cosine`` over ``trainer.estimated_stepping_batches``.
+        warmup_steps, cosine_cycles: the per-step schedule ``zoo.schedules.warmup_cosine`` over
+            ``trainer.estimated_stepping_batches``.
+        ema_decay: if set, evaluate (and save as ``ema``) an exponential moving average of the network's weights and
+            batch-norm statistics, updated after every step (``zoo.ema.EMATeacher``; UDA's code evaluates one).
 
     Subclasses set ``unlabeled_views`` (which of ``"weak"``, ``"strong"`` they need) and implement
     ``unlabeled_loss(logits: dict[view, (N, K)], step) -> (loss, logs)``.
@@ -81,6 +50,7 @@ class SemiSupervisedClassifier(L.LightningModule):
 
     def __init__(
         self,
+        *,
         backbone: nn.Module,
         num_classes: int,
         dropout: float = 0.0,
@@ -91,18 +61,20 @@ class SemiSupervisedClassifier(L.LightningModule):
         weight_decay: float = 5e-4,
         warmup_steps: int = 0,
         cosine_cycles: float = 7 / 16,
+        ema_decay: Optional[float] = None,
     ) -> None:
-        super().__init__()
+        super().__init__(num_classes=num_classes)
         self.save_hyperparameters(ignore=["backbone"])
         self.network = Classifier(backbone, num_classes, dropout)
-        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.ema = EMATeacher(self.network, ema_decay, ramp=False) if ema_decay is not None else None
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.network(images)
+        """The evaluated model: the EMA of the network when ``ema_decay`` is set, else the network."""
+        return self.ema(images) if self.ema is not None else self.network(images)
 
-    def setup(self, stage: str) -> None:
-        check_num_classes(self)
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.ema is not None:
+            self.ema.update(self.network)
 
     def training_progress(self) -> float:
         """``t / T`` in [0, 1]: this step over the run's total (``max_steps`` or epochs × batches)."""
@@ -121,7 +93,7 @@ class SemiSupervisedClassifier(L.LightningModule):
         (images_weak, images_strong), hidden_labels = batch["unlabeled"]
         views = {"weak": images_weak, "strong": images_strong}
         inputs = [images_l] + [views[v] for v in self.unlabeled_views]
-        logits = self(torch.cat(inputs)).split([len(x) for x in inputs])
+        logits = self.network(torch.cat(inputs)).split([len(x) for x in inputs])
         sup_loss, logs = self.supervised_loss(logits[0], labels_l)
         loss = sup_loss
         if self.unlabeled_views:
@@ -137,26 +109,6 @@ class SemiSupervisedClassifier(L.LightningModule):
         self.log_dict({f"train/{k}": v for k, v in logs.items()}, on_step=True, on_epoch=False,
                       batch_size=len(labels_l))
         return loss
-
-    def _eval_step(self, batch: Any, stage: str) -> None:
-        images, labels = batch[0], batch[1]
-        logits = self(images)
-        metric = getattr(self, f"{stage}_acc")
-        metric(logits, labels)
-        self.log(f"{stage}/loss", F.cross_entropy(logits.float(), labels), on_epoch=True, sync_dist=True,
-                 batch_size=len(labels))
-        self.log(f"{stage}/acc", metric, on_epoch=True, prog_bar=True)
-
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        self._eval_step(batch, "val")
-
-    def test_step(self, batch: Any, batch_idx: int) -> None:
-        self._eval_step(batch, "test")
-
-    def predict_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
-        images = batch[0] if isinstance(batch, (list, tuple)) else batch
-        probs = self(images).softmax(-1)
-        return {"probs": probs, "preds": probs.argmax(-1)}
 
     def configure_optimizers(self) -> Any:
         # Used only when the config has no `optimizer:` section (the CLI then replaces this method).

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from zoo.semisup.base import SemiSupervisedClassifier
+from zoo.schedules import linear_rampup
 from zoo.semisup.losses import entropy
 
 __all__ = ["EntropyMinimization"]
@@ -31,13 +32,13 @@ class EntropyMinimization(SemiSupervisedClassifier):
 
     unlabeled_views = ("weak",)
 
-    def __init__(self, backbone: nn.Module, num_classes: int, entropy_weight: float = 1.0, rampup: float = 0.2,
+    def __init__(self, *, backbone: nn.Module, num_classes: int, entropy_weight: float = 1.0, rampup: float = 0.2,
                  **kwargs: Any) -> None:
-        super().__init__(backbone, num_classes, **kwargs)
+        super().__init__(backbone=backbone, num_classes=num_classes, **kwargs)
         self.save_hyperparameters(ignore=["backbone"])
 
     def unlabeled_loss(self, logits: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
-        ramp = min(1.0, self.training_progress() / self.hparams.rampup) if self.hparams.rampup > 0 else 1.0
+        ramp = linear_rampup(self.training_progress(), self.hparams.rampup)
         mean_entropy = entropy(logits["weak"]).mean()
         weight = self.hparams.entropy_weight * ramp
         return weight * mean_entropy, {"entropy": mean_entropy.detach(), "unsup_weight": weight}

@@ -17,7 +17,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-__all__ = ["TSASchedule", "tsa_threshold", "tsa_cross_entropy", "sharpened_consistency", "entropy", "linear_rampup"]
+__all__ = ["TSASchedule", "tsa_threshold", "tsa_cross_entropy", "sharpened_consistency", "entropy"]
 
 TSASchedule = Literal["none", "linear", "log", "exp"]
 
@@ -88,8 +88,3 @@ def entropy(logits: torch.Tensor) -> torch.Tensor:
     """Shannon entropy ``H(softmax(z)) = −Σ_k p_k log p_k`` of each row (nats), differentiable through ``p``."""
     log_p = logits.float().log_softmax(-1)
     return -(log_p.exp() * log_p).sum(-1)
-
-
-def linear_rampup(step: int, ramp_steps: int) -> float:
-    """``min(1, step / ramp_steps)`` (1 when ``ramp_steps`` is 0): the weight of an unlabeled loss early in training."""
-    return 1.0 if ramp_steps <= 0 else min(1.0, step / ramp_steps)

@@ -20,14 +20,14 @@ import math
 from contextlib import contextmanager
 from typing import Any, Iterator, Literal, Optional
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torchmetrics.classification import MulticlassAccuracy
 
-from zoo.semisup.base import Classifier, check_num_classes, warmup_cosine
+from zoo.classifier import ClassificationModule, Classifier
+from zoo.ema import EMATeacher
+from zoo.schedules import linear_rampup, warmup_cosine
 from zoo.semisup.losses import sharpened_consistency
 
 __all__ = ["batch_norm_stats_frozen", "mpl_coefficient", "MetaPseudoLabels"]
@@ -71,7 +71,7 @@ def _fresh_copy(module: nn.Module) -> nn.Module:
     return clone
 
 
-class MetaPseudoLabels(L.LightningModule):
+class MetaPseudoLabels(ClassificationModule):
     """Teacher and student trained together with manual optimisation (two SGD optimizers, two schedules).
 
     One step (``training_step``), as in the paper's Algorithm 1 and the PyTorch port's ordering:
@@ -99,7 +99,7 @@ class MetaPseudoLabels(L.LightningModule):
         uda_weight, uda_steps: ``λ_u · min(1, (t + 1) / uda_steps)`` (8 and 5000).
         mpl_sign: ``theory`` (default) or ``official``, see ``mpl_coefficient``.
         baseline_decay: if set, subtract a moving average of ``h`` (decay 0.99 in the TF code) to reduce variance.
-        ema_decay: decay of the evaluated student EMA (0.995).
+        ema_decay: decay of the evaluated student EMA (0.995; ``zoo.ema.EMATeacher``, copied at the first step).
         gradient_clip_val: global-norm clip of each network's gradients (off by default, as in the port).
 
     DDP: both networks' gradients are averaged over ranks by two separate backward passes, so the strategy must be
@@ -112,6 +112,7 @@ class MetaPseudoLabels(L.LightningModule):
 
     def __init__(
         self,
+        *,
         backbone: nn.Module,
         num_classes: int,
         student_backbone: Optional[nn.Module] = None,
@@ -134,27 +135,21 @@ class MetaPseudoLabels(L.LightningModule):
         ema_decay: float = 0.995,
         gradient_clip_val: Optional[float] = None,
     ) -> None:
-        super().__init__()
+        super().__init__(num_classes=num_classes)
         self.save_hyperparameters(ignore=["backbone", "student_backbone"])
         mpl_coefficient(torch.zeros(()), torch.zeros(()), mpl_sign)  # a wrong sign name fails at construction
         self.automatic_optimization = False
         self.teacher = Classifier(backbone, num_classes, dropout)
         self.student = Classifier(student_backbone if student_backbone is not None else _fresh_copy(backbone),
                                   num_classes, dropout)
-        self.student_ema = AveragedModel(self.student, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
-        self.student_ema.requires_grad_(False)
+        self.student_ema = EMATeacher(self.student, ema_decay, ramp=False)
         self.register_buffer("mpl_step", torch.zeros((), dtype=torch.long))
         self.register_buffer("moving_h", torch.zeros(()))
-        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_teacher_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """The evaluated model: the student's EMA."""
         return self.student_ema(images)
-
-    def setup(self, stage: str) -> None:
-        check_num_classes(self)
 
     def total_mpl_steps(self) -> int:
         """Batches in the whole run (``max_steps`` counts two optimizer steps per batch)."""
@@ -190,7 +185,7 @@ class MetaPseudoLabels(L.LightningModule):
         t_sup = F.cross_entropy(t_l.float(), labels_l, label_smoothing=hp.label_smoothing)
         t_consistency, mask = sharpened_consistency(t_weak, t_strong, hp.temperature, hp.confidence_threshold,
                                                     mask_on_sharpened=True)
-        uda_weight = hp.uda_weight * min(1.0, (int(self.mpl_step) + 1) / max(1, hp.uda_steps))
+        uda_weight = hp.uda_weight * linear_rampup(int(self.mpl_step) + 1, hp.uda_steps)
         pseudo_labels = t_weak.detach().argmax(-1)
 
         # 2. Student: one step on the pseudo labels, its labeled loss measured on either side of the step.
@@ -198,7 +193,7 @@ class MetaPseudoLabels(L.LightningModule):
         s_strong = self.student(images_strong)
         s_loss = F.cross_entropy(s_strong.float(), pseudo_labels, label_smoothing=hp.label_smoothing)
         self._step(opt_student, sched_student, s_loss)
-        self.student_ema.update_parameters(self.student)
+        self.student_ema.update(self.student)
         loss_after = self.student_labeled_loss(images_l, labels_l)
 
         # 3. Teacher: rewarded by the student's improvement (REINFORCE on the label it sampled, first-order h).
@@ -225,26 +220,9 @@ class MetaPseudoLabels(L.LightningModule):
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         images, labels = batch[0], batch[1]
-        logits = self(images)
-        self.val_acc(logits, labels)
+        self.evaluation_step(batch, "val")
         self.val_teacher_acc(self.teacher(images), labels)
-        self.log("val/loss", F.cross_entropy(logits.float(), labels), on_epoch=True, sync_dist=True,
-                 batch_size=len(labels))
-        self.log("val/acc", self.val_acc, on_epoch=True, prog_bar=True)
         self.log("val/teacher_acc", self.val_teacher_acc, on_epoch=True)
-
-    def test_step(self, batch: Any, batch_idx: int) -> None:
-        images, labels = batch[0], batch[1]
-        logits = self(images)
-        self.test_acc(logits, labels)
-        self.log("test/loss", F.cross_entropy(logits.float(), labels), on_epoch=True, sync_dist=True,
-                 batch_size=len(labels))
-        self.log("test/acc", self.test_acc, on_epoch=True)
-
-    def predict_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
-        images = batch[0] if isinstance(batch, (list, tuple)) else batch
-        probs = self(images).softmax(-1)
-        return {"probs": probs, "preds": probs.argmax(-1)}
 
     def configure_optimizers(self) -> Any:
         hp = self.hparams

@@ -35,6 +35,7 @@ class UDA(SemiSupervisedClassifier):
 
     def __init__(
         self,
+        *,
         backbone: nn.Module,
         num_classes: int,
         unsup_weight: float = 1.0,
@@ -44,7 +45,7 @@ class UDA(SemiSupervisedClassifier):
         ent_min_weight: float = 0.0,
         **kwargs: Any,
     ) -> None:
-        super().__init__(backbone, num_classes, **kwargs)
+        super().__init__(backbone=backbone, num_classes=num_classes, **kwargs)
         self.save_hyperparameters(ignore=["backbone"])
         tsa_threshold(0.0, num_classes, tsa)  # a wrong schedule name fails here, not at the first step
 

@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 
 from datamodules.base import CorruptImageError, DatasetNotFoundError
-from datamodules.digitdomains import DigitDomainsDataModule, render_digit, write_digit_domains
-from datamodules.unpaired import UnpairedDataModule, UnpairedImageDataset, list_images
+from datamodules.gan import DigitDomainsDataModule, UnpairedDataModule, UnpairedImageDataset, list_images
+from datamodules.generated.gan_digit_domains import render_digit, write_digit_domains
 
 
 def _write(path: Path, size=(20, 20), seed: int = 0) -> Path:

@@ -39,11 +39,12 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
 from datamodules.base import CorruptImageError, ZooDataModule, read_image, require_path
+from datamodules.generated.gan_digit_domains import write_digit_domains
 from datamodules.sampler import ShardedRandomBatchSampler
 
 __all__ = [
     "IMAGE_EXTENSIONS", "UNPAIRED_LAYOUT", "SPLITS", "list_images", "read_labels_file", "UnpairedImageDataset",
-    "UnpairedDataModule",
+    "UnpairedDataModule", "DigitDomainsDataModule",
 ]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -313,3 +314,46 @@ class UnpairedDataModule(ZooDataModule):
 
     def predict_dataloader(self) -> list[DataLoader]:
         return self._eval_loaders()
+
+
+class DigitDomainsDataModule(UnpairedDataModule):
+    """The embedded default: "pen on paper" (A) ↔ "bold neon on dark" (B) digits, written to ``root`` on first use.
+
+    The set is written (a few seconds, deterministic from ``seed``) by ``prepare_data``, or by ``setup`` when it is
+    called without a Trainer, and read back by ``UnpairedDataModule`` with ``labels.csv`` as its labels file.
+
+    Args:
+        root: where the set is written.
+        image_size: side of the written PNGs and of the training crops and evaluation images.
+        load_size: training resize before the random crop (36 for 32² crops, U-GAT-IT's ``+30`` scaled down).
+        flip: off by default, a mirrored digit is not a digit.
+        seed: the generator's seed, also the samplers' seed unless ``sampler_seed`` is given.
+        sampler_seed: seed of the training streams (default: ``seed``).
+        batch_size, eval_batch_size, steps_per_epoch, num_workers, pin_memory: see ``UnpairedDataModule``.
+    """
+
+    def __init__(
+        self,
+        root: str = "data/digit_domains",
+        image_size: int = 32,
+        load_size: Optional[int] = 36,
+        flip: bool = False,
+        batch_size: int = 1,
+        eval_batch_size: Optional[int] = None,
+        steps_per_epoch: Optional[int] = None,
+        seed: int = 0,
+        sampler_seed: Optional[int] = None,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+    ) -> None:
+        super().__init__(root, image_size, load_size, flip, batch_size, eval_batch_size, steps_per_epoch,
+                         seed if sampler_seed is None else sampler_seed, num_workers, pin_memory,
+                         labels_file="labels.csv")
+        self.generator_seed = seed
+
+    def prepare_data(self) -> None:
+        write_digit_domains(self.root, image_size=self.image_size, seed=self.generator_seed)
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        self.prepare_data()  # a no-op once the set is installed (e.g. when prepare_data already ran on this node)
+        super().setup(stage)

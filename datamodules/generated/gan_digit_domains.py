@@ -1,7 +1,7 @@
 """Digit domains: the unpaired-translation embedded default, two styles of scikit-learn's bundled digits, no download.
 
 ``sklearn.datasets.load_digits`` ships 1,797 8×8 handwritten digits. This module renders them in two visual domains
-and writes them as PNGs in the CycleGAN / U-GAT-IT layout that ``datamodules.unpaired.UnpairedDataModule`` reads:
+and writes them as PNGs in the CycleGAN / U-GAT-IT layout that ``datamodules.gan.UnpairedDataModule`` reads:
 
     <root>/trainA/00000.png ...    digits 0..1499 (sklearn order), even indices, domain A
     <root>/trainB/00001.png ...    digits 0..1499, odd indices, domain B
@@ -42,9 +42,11 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from datamodules.unpaired import SPLITS, UnpairedDataModule
 
-__all__ = ["write_digit_domains", "render_digit", "NEON_PALETTE", "NUM_TRAIN_DIGITS", "DigitDomainsDataModule"]
+__all__ = ["write_digit_domains", "render_digit", "NEON_PALETTE", "NUM_TRAIN_DIGITS", "SPLITS"]
+
+#: the four folders of the CycleGAN layout
+SPLITS = ("trainA", "trainB", "testA", "testB")
 
 #: saturated stroke colours of domain B (RGB)
 NEON_PALETTE = ((255, 40, 200), (0, 230, 255), (90, 255, 40), (255, 150, 0), (255, 240, 30), (255, 50, 80),
@@ -186,49 +188,3 @@ def write_digit_domains(root: str | Path, image_size: int = 32, seed: int = 0, o
     staging.rmdir()
     (root / _MARKER).write_text(json.dumps(parameters, indent=1))
     return root
-
-
-class DigitDomainsDataModule(UnpairedDataModule):
-    """The embedded default: "pen on paper" (A) ↔ "bold neon on dark" (B) digits, written to ``root`` on first use.
-
-    The set is written (a few seconds, deterministic from ``seed``) by ``prepare_data``, or by ``setup`` when it is
-    called without a Trainer, and read back by ``UnpairedDataModule`` with ``labels.csv`` as its labels file.
-
-    Args:
-        root: where the set is written.
-        image_size: side of the written PNGs and of the training crops and evaluation images.
-        load_size: training resize before the random crop (36 for 32² crops, U-GAT-IT's ``+30`` scaled down).
-        flip: off by default, a mirrored digit is not a digit.
-        seed: the generator's seed, also the samplers' seed unless ``sampler_seed`` is given.
-        sampler_seed: seed of the training streams (default: ``seed``).
-        batch_size, eval_batch_size, steps_per_epoch, num_workers, pin_memory: see ``UnpairedDataModule``.
-    """
-
-    def __init__(
-        self,
-        root: str = "data/digit_domains",
-        image_size: int = 32,
-        load_size: Optional[int] = 36,
-        flip: bool = False,
-        batch_size: int = 1,
-        eval_batch_size: Optional[int] = None,
-        steps_per_epoch: Optional[int] = None,
-        seed: int = 0,
-        sampler_seed: Optional[int] = None,
-        num_workers: int = 0,
-        pin_memory: bool = False,
-    ) -> None:
-        super().__init__(root, image_size, load_size, flip, batch_size, eval_batch_size, steps_per_epoch,
-                         seed if sampler_seed is None else sampler_seed, num_workers, pin_memory,
-                         labels_file="labels.csv")
-        self.generator_seed = seed
-
-    def prepare_data(self) -> None:
-        write_digit_domains(self.root, image_size=self.image_size, seed=self.generator_seed)
-
-    def setup(self, stage: Optional[str] = None) -> None:
-        # Under a Trainer, prepare_data has run on one process per node before any setup, so every rank finds the
-        # set written and only reads; without one (setup called directly) this is the only process.
-        if not _is_written(self.root, _parameters(self.image_size, self.generator_seed)):
-            self.prepare_data()
-        super().setup(stage)
