@@ -87,7 +87,7 @@ def _sync(device: torch.device) -> None:
 def bench_steps(args: argparse.Namespace, device: torch.device) -> dict[str, float]:
     torch.manual_seed(0)
     num_classes = 200
-    model = APINet(TimmBackbone(args.backbone), num_classes=num_classes, freeze_epochs=0).to(device)
+    model = APINet(backbone=TimmBackbone(args.backbone), num_classes=num_classes, freeze_epochs=0).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     labels = torch.arange(args.classes, device=device).repeat_interleave(args.per_class)
     images = torch.randn(len(labels), 3, args.image_size, args.image_size, device=device)

@@ -1,18 +1,38 @@
-"""What every zoo DataModule shares: loader settings, clear errors for missing data, and image reading."""
+"""What every zoo DataModule shares: loaders that shard themselves across DDP ranks and resume mid-epoch, clear
+errors for missing data, and image reading.
+
+``ZooDataModule`` builds every loader a family needs from three pieces:
+
+* ``batch_sampler_loader(dataset, batch_sampler)``: training batches from one of the zoo's ``EpochBatchSampler``\ s
+  (``datamodules.sampler``), in a ``ResumableDataLoader`` that Lightning saves in checkpoints;
+* ``two_stream_loader({name: (dataset, batch_size)}, num_batches, seed)``: several training streams in lock-step
+  (labeled/unlabeled, source/target, A/B), each ``num_batches`` long, batches ``{name: batch}``;
+* ``eval_loader(dataset)``: rank ``r`` of ``w`` evaluates items ``r, r + w, ...``, every item exactly once.
+
+The samplers shard across ranks themselves, so Lightning must not wrap them in a ``DistributedSampler``: the zoo's CLI
+sets ``trainer.use_distributed_sampler: false`` and every loader refuses DDP without it.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Iterator, Mapping, Optional
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import CombinedLoader
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.sampler import dist_rank_world
+from datamodules.sampler import EpochBatchSampler, RandomBatchSampler, ShardedRandomBatchSampler, dist_rank_world
 
-__all__ = ["ZooDataModule", "DatasetNotFoundError", "CorruptImageError", "read_image", "require_path"]
+__all__ = [
+    "IMAGENET_MEAN", "IMAGENET_STD", "ZooDataModule", "ResumableDataLoader", "DatasetNotFoundError",
+    "CorruptImageError", "read_image", "require_path",
+]
+
+#: the normalisation of ImageNet-pretrained backbones (timm's and torchvision's defaults)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -43,8 +63,68 @@ def read_image(path: str | Path, mode: str = "RGB") -> Image.Image:
         raise CorruptImageError(f"cannot decode image '{path}': {err}") from err
 
 
+class _CountingIterator:
+    """Passes a DataLoader iterator through and tells its ``ResumableDataLoader`` how far the epoch has gone."""
+
+    def __init__(self, loader: "ResumableDataLoader", iterator: Iterator) -> None:
+        self.loader, self.iterator = loader, iterator
+
+    def __iter__(self) -> "_CountingIterator":
+        return self
+
+    def __next__(self) -> Any:
+        batch = next(self.iterator)
+        sampler = self.loader.batch_sampler
+        if self.loader._position is None or self.loader._position[2] is not self:
+            # The first batch of this iteration: the sampler has started it and knows its epoch and skipped batches.
+            epoch, skipped = sampler.iteration
+            self.loader._position = [epoch, skipped, self]
+        self.loader._position[1] += 1
+        return batch
+
+
+class ResumableDataLoader(DataLoader):
+    """A ``DataLoader`` over an ``EpochBatchSampler`` whose position in the epoch goes into checkpoints.
+
+    Lightning treats a training loader with ``state_dict``/``load_state_dict`` as stateful: it stores the state in
+    every checkpoint and loads it into the new loader before the resumed run iterates it. The state is the epoch, the
+    batches served of it and what the sampler needs to rebuild the epoch; on load the sampler resumes that epoch after
+    those batches (or starts the next epoch, when the saved one was complete). Batches are counted as they leave the
+    loader, so workers fetching ahead do not shift the count.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if not isinstance(self.batch_sampler, EpochBatchSampler):
+            raise TypeError(f"ResumableDataLoader needs an EpochBatchSampler, got {type(self.batch_sampler).__name__}")
+        self._position: Optional[list] = None  # [epoch, batches served, the iterator that serves them]
+        #: after ``load_state_dict``: True when the run resumes inside an epoch, False at an epoch's start
+        self.resumes_mid_epoch: Optional[bool] = None
+
+    def __iter__(self) -> Iterator:
+        return _CountingIterator(self, super().__iter__())
+
+    def state_dict(self) -> dict[str, Any]:
+        sampler = self.batch_sampler
+        epoch, served = (self._position[0], self._position[1]) if self._position is not None else (sampler.epoch, 0)
+        return {"epoch": epoch, "batches_served": served, "batches": len(sampler), "sampler": sampler.epoch_state()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        epoch, served = int(state["epoch"]), int(state["batches_served"])
+        self.resumes_mid_epoch = served < int(state["batches"])
+        if self.resumes_mid_epoch:
+            self.batch_sampler.resume(epoch, served, state.get("sampler"))
+        else:
+            self.batch_sampler.resume(epoch + 1, 0)  # the saved epoch was complete: the next one starts afresh
+
+
 class ZooDataModule(L.LightningDataModule):
-    """Builds the four dataloaders from ``self.train_set`` / ``val_set`` / ``test_set`` that ``setup`` fills.
+    """Builds the loaders of ``self.train_set`` / ``val_set`` / ``test_set`` (filled by ``setup``), sharded and resumable.
+
+    The plain loaders: training batches of ``batch_size`` shuffled every epoch (``RandomBatchSampler``: with one
+    process the batches ``DataLoader(shuffle=True)`` would give; under DDP those of Lightning's
+    ``DistributedSampler``), evaluation by ``eval_loader``. Families with other batches override
+    ``train_dataloader`` with ``batch_sampler_loader`` or ``two_stream_loader`` (see the module docstring).
 
     Args:
         batch_size: training batch size per process (under DDP the global batch is ``batch_size × world size``).
@@ -55,6 +135,7 @@ class ZooDataModule(L.LightningDataModule):
 
     def __init__(
         self,
+        *,
         batch_size: int = 64,
         eval_batch_size: Optional[int] = None,
         num_workers: int = 0,
@@ -81,6 +162,8 @@ class ZooDataModule(L.LightningDataModule):
         std = images.new_tensor(self.std).view(1, -1, 1, 1)
         return (images * std + mean).clamp(0, 1)
 
+    # ---- the pieces every loader is built from ----------------------------------------------------------------------
+
     def _world(self) -> tuple[int, int]:
         """``(rank, world_size)`` of this process: from the trainer, else from ``torch.distributed``, else ``(0, 1)``."""
         trainer = getattr(self, "trainer", None)
@@ -88,44 +171,75 @@ class ZooDataModule(L.LightningDataModule):
             return trainer.global_rank, trainer.world_size
         return dist_rank_world(None, None)
 
-    def _refuse_lightning_sampler(self) -> None:
-        """DataModules that shard their loaders across ranks themselves cannot also have Lightning wrap them in a
-        ``DistributedSampler``: refuse DDP unless the config sets ``trainer.use_distributed_sampler: false``."""
+    def _check_sampler_setting(self) -> None:
+        """The zoo's loaders shard across ranks themselves; Lightning wrapping them in a ``DistributedSampler`` as well
+        would be wrong (or fail), so refuse DDP unless ``trainer.use_distributed_sampler`` is false (the CLI's
+        default)."""
         trainer = getattr(self, "trainer", None)
         if trainer is not None and trainer.world_size > 1 and trainer._accelerator_connector.use_distributed_sampler:
             raise RuntimeError(f"{type(self).__name__} shards its loaders across ranks itself: set "
-                               "`trainer.use_distributed_sampler: false`")
+                               "`trainer.use_distributed_sampler: false` (the zoo CLI's default)")
 
-    def _strided_eval_loader(self, dataset: Dataset, collate_fn: Optional[Callable] = None) -> DataLoader:
+    def _require(self, dataset: Optional[Dataset], split: str) -> Dataset:
+        if dataset is None:
+            raise RuntimeError(f"{type(self).__name__}: the {split} split is not set up (call setup() with the right "
+                               "stage first)")
+        return dataset
+
+    def batch_sampler_loader(self, dataset: Dataset, batch_sampler: EpochBatchSampler,
+                             collate_fn: Optional[Callable] = None) -> ResumableDataLoader:
+        """Training batches of ``dataset`` drawn by ``batch_sampler``, resumable mid-epoch (``ResumableDataLoader``).
+
+        The sampler starts at the trainer's current epoch: with worker processes the first epoch's indices are drawn
+        as soon as Lightning creates the iterator, before its first ``set_epoch``, so a resumed run must not start
+        from epoch 0.
+        """
+        self._check_sampler_setting()
+        trainer = getattr(self, "trainer", None)
+        batch_sampler.set_epoch(trainer.current_epoch if trainer is not None else 0)
+        return ResumableDataLoader(dataset, batch_sampler=batch_sampler, collate_fn=collate_fn,
+                                   num_workers=self.num_workers, pin_memory=self.pin_memory,
+                                   persistent_workers=self.num_workers > 0)
+
+    def two_stream_loader(self, streams: Mapping[str, tuple[Dataset, int]], num_batches: int,
+                          seed: int) -> CombinedLoader:
+        """Batches ``{name: batch of that stream}`` from several datasets in lock-step, ``num_batches`` per epoch.
+
+        Stream ``i`` (in ``streams`` order) draws ``ShardedRandomBatchSampler(len(dataset), batch_size, num_batches,
+        seed=len(streams) · seed + i)``: the streams are shuffled independently, each rank takes disjoint items at
+        every step, and a smaller dataset simply starts another pass, so no stream is cycled by Lightning.
+        """
+        rank, world = self._world()
+        loaders = {
+            name: self.batch_sampler_loader(dataset, ShardedRandomBatchSampler(
+                len(dataset), batch_size, num_batches, len(streams) * seed + i, rank, world))
+            for i, (name, (dataset, batch_size)) in enumerate(streams.items())
+        }
+        return CombinedLoader(loaders, mode="max_size_cycle")
+
+    def eval_loader(self, dataset: Dataset, collate_fn: Optional[Callable] = None) -> DataLoader:
         """Rank ``r`` of ``w`` evaluates items ``r, r + w, ...``: every item once, no padding (Lightning's
-        ``DistributedSampler`` pads with repeats); the model all-gathers the outputs and restores the order by the
-        index each item carries."""
+        ``DistributedSampler`` pads with repeats). Metrics that are torchmetrics objects are then exact over ranks;
+        models that gather outputs restore the order by the index each item carries."""
+        self._check_sampler_setting()
         rank, world = self._world()
         shard = torch.utils.data.Subset(dataset, range(rank, len(dataset), world)) if world > 1 else dataset
         return DataLoader(shard, batch_size=self.eval_batch_size, shuffle=False, num_workers=self.num_workers,
                           pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0, collate_fn=collate_fn)
 
-    def _loader(self, dataset: Optional[Dataset], train: bool) -> DataLoader:
-        if dataset is None:
-            raise RuntimeError(f"{type(self).__name__}: this split was not set up (call setup() with the right stage)")
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size if train else self.eval_batch_size,
-            shuffle=train,
-            drop_last=False,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.num_workers > 0,
-        )
+    # ---- the plain loaders --------------------------------------------------------------------------------------
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, train=True)
+        dataset = self._require(self.train_set, "training")
+        rank, world = self._world()
+        return self.batch_sampler_loader(dataset, RandomBatchSampler(len(dataset), self.batch_size, rank=rank,
+                                                                     world_size=world))
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, train=False)
+        return self.eval_loader(self._require(self.val_set, "validation"))
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, train=False)
+        return self.eval_loader(self._require(self.test_set, "test"))
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, train=False)
+        return self.eval_loader(self._require(self.test_set, "test"))

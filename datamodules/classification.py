@@ -1,11 +1,13 @@
-"""Image-classification data on disk: a train/val/test folder tree, and CIFAR-10/100 through torchvision."""
+"""Image-classification data on disk: a train/val/test folder tree, and CIFAR-10/100 through torchvision.
+
+The embedded default, scikit-learn's digits, is ``datamodules.digits.DigitsDataModule``.
+"""
 
 from __future__ import annotations
 
-import pickle
 from functools import partial
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -13,12 +15,10 @@ from torch.utils.data import Subset
 from torchvision import datasets
 from torchvision.transforms import v2
 
-from datamodules.base import ZooDataModule, read_image, require_path
+from datamodules.base import IMAGENET_MEAN, IMAGENET_STD, ZooDataModule, read_image, require_path
+from datamodules.cifar import download_cifar, open_cifar
 
-__all__ = ["ImageFolderDataModule", "CIFAR10DataModule", "CIFAR100DataModule", "IMAGENET_MEAN", "IMAGENET_STD"]
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+__all__ = ["ImageFolderDataModule", "CIFAR10DataModule", "CIFAR100DataModule"]
 
 _FOLDER_LAYOUT = """\
   <root>/train/<class_name>/<image>.jpg|.png|...
@@ -47,6 +47,7 @@ class ImageFolderDataModule(ZooDataModule):
 
     def __init__(
         self,
+        *,
         root: str,
         image_size: int = 224,
         crop_pct: float = 0.875,
@@ -60,7 +61,8 @@ class ImageFolderDataModule(ZooDataModule):
         num_workers: int = 4,
         pin_memory: bool = True,
     ) -> None:
-        super().__init__(batch_size, eval_batch_size, num_workers, pin_memory)
+        super().__init__(batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers,
+                         pin_memory=pin_memory)
         self.root = Path(root)
         self.image_size, self.crop_pct = image_size, crop_pct
         self.mean, self.std = tuple(mean), tuple(std)
@@ -100,33 +102,6 @@ class ImageFolderDataModule(ZooDataModule):
         self.test_set = self._folder("test", self.eval_transform()) if test_dir.exists() else self.val_set
 
 
-class _FilesPresentCheck:
-    """Replaces torchvision's MD5 pass over every CIFAR batch file (at every start) by a presence check.
-
-    A truncated or foreign file still fails, when it is unpickled, and ``CIFAR10DataModule`` names it then.
-    """
-
-    def _check_integrity(self) -> bool:
-        folder = Path(self.root) / self.base_folder
-        return all((folder / name).is_file() for name, _ in self.train_list + self.test_list)
-
-    def _load_meta(self) -> None:
-        path = Path(self.root) / self.base_folder / self.meta["filename"]
-        if not path.is_file():
-            raise RuntimeError(f"metadata file {path} is missing")
-        with open(path, "rb") as f:
-            self.classes = pickle.load(f, encoding="latin1")[self.meta["key"]]
-        self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
-
-
-class _CIFAR10(_FilesPresentCheck, datasets.CIFAR10):
-    pass
-
-
-class _CIFAR100(_FilesPresentCheck, datasets.CIFAR100):
-    pass
-
-
 class CIFAR10DataModule(ZooDataModule):
     """CIFAR-10 through ``torchvision.datasets.CIFAR10`` (the python pickle batches).
 
@@ -142,15 +117,14 @@ class CIFAR10DataModule(ZooDataModule):
         batch_size, eval_batch_size, num_workers, pin_memory: see ``ZooDataModule``.
     """
 
-    dataset_class = _CIFAR10
     dataset_name = "CIFAR10"
-    folder = "cifar-10-batches-py"
     num_classes = 10
     mean = (0.4914, 0.4822, 0.4465)
     std = (0.2470, 0.2435, 0.2616)
 
     def __init__(
         self,
+        *,
         root: str = "data/cifar10",
         download: bool = False,
         val_size: int = 5000,
@@ -161,32 +135,17 @@ class CIFAR10DataModule(ZooDataModule):
         num_workers: int = 4,
         pin_memory: bool = True,
     ) -> None:
-        super().__init__(batch_size, eval_batch_size, num_workers, pin_memory)
+        super().__init__(batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers,
+                         pin_memory=pin_memory)
         self.root, self.download = Path(root), download
         self.val_size, self.split_seed, self.augment = val_size, split_seed, augment
 
     def prepare_data(self) -> None:
         if self.download:
-            self.dataset_class(str(self.root), train=True, download=True)
-            self.dataset_class(str(self.root), train=False, download=True)
+            download_cifar(self.root, self.dataset_name)
 
     def _dataset(self, train: bool, transform: Callable):
-        name = self.dataset_name
-        require_path(
-            self.root / self.folder,
-            name,
-            f"  <root>/{self.folder}/  (the python version: data_batch_1..5 / train, test_batch / test, batches.meta / meta)",
-            "set `data.init_args.download: true` (needs internet), or unpack the python version from "
-            "https://www.cs.toronto.edu/~kriz/cifar.html into <root>",
-        )
-        try:
-            return self.dataset_class(str(self.root), train=train, transform=transform, download=False)
-        except (RuntimeError, EOFError, KeyError, ValueError, pickle.UnpicklingError) as err:
-            files = ", ".join([n for n, _ in self.dataset_class.train_list + self.dataset_class.test_list]
-                              + [self.dataset_class.meta["filename"]])
-            raise RuntimeError(
-                f"{name} at '{self.root / self.folder}' is incomplete or corrupt (expected readable {files}): {err!r}"
-            ) from err
+        return open_cifar(self.root, self.dataset_name, train, transform)
 
     def setup(self, stage: Optional[str] = None) -> None:
         augment = [v2.RandomCrop(32, padding=4), v2.RandomHorizontalFlip()] if self.augment else []
@@ -209,12 +168,10 @@ class CIFAR10DataModule(ZooDataModule):
 class CIFAR100DataModule(CIFAR10DataModule):
     """CIFAR-100 (fine labels) through ``torchvision.datasets.CIFAR100``; same arguments as ``CIFAR10DataModule``."""
 
-    dataset_class = _CIFAR100
     dataset_name = "CIFAR100"
-    folder = "cifar-100-python"
     num_classes = 100
     mean = (0.5071, 0.4865, 0.4409)
     std = (0.2673, 0.2564, 0.2762)
 
-    def __init__(self, root: str = "data/cifar100", **kwargs) -> None:
+    def __init__(self, *, root: str = "data/cifar100", **kwargs: Any) -> None:
         super().__init__(root=root, **kwargs)

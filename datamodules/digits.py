@@ -1,5 +1,8 @@
 """scikit-learn's bundled handwritten digits: the zoo's embedded default, no download.
 
+Shared by the families: ``DigitsDataModule`` is the reference classifier's data, and ``load_digit_images`` also serves
+the semi-supervised digits (``datamodules.semisup``).
+
 ``sklearn.datasets.load_digits`` ships 1,797 8×8 grey images (16 levels) of the digits 0–9 with the library. The
 zoo resizes them (bilinear) to ``image_size`` once, keeps them in memory as tensors in [0, 1] and splits them with a
 seeded stratified split, so every run and every baseline sees the same train/val/test images.
@@ -80,6 +83,7 @@ class DigitsDataModule(ZooDataModule):
 
     def __init__(
         self,
+        *,
         image_size: int = 32,
         channels: int = 1,
         classes: Optional[Sequence[int]] = None,
@@ -92,7 +96,8 @@ class DigitsDataModule(ZooDataModule):
         num_workers: int = 0,
         pin_memory: bool = False,
     ) -> None:
-        super().__init__(batch_size, eval_batch_size, num_workers, pin_memory)
+        super().__init__(batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers,
+                         pin_memory=pin_memory)
         self.image_size, self.channels = image_size, channels
         self.classes = list(range(10)) if classes is None else list(classes)
         if not self.classes or len(set(self.classes)) != len(self.classes) or not set(self.classes) <= set(range(10)):

@@ -8,8 +8,8 @@ Two kinds of training batches:
 
 - ``classes_per_batch=None``: shuffled batches of ``batch_size`` (a plain classifier baseline);
 - ``classes_per_batch=P``: ``P`` classes × ``images_per_class`` images per batch from
-  ``datamodules.sampler.BalancedClassSampler``, which API-Net's pair mining needs (30 × 4 on CUB). The sampler shards
-  DDP ranks itself, so a DDP config must set ``trainer.use_distributed_sampler: false``.
+  ``datamodules.sampler.BalancedClassSampler``, which API-Net's pair mining needs (30 × 4 on CUB). The sampler gives
+  every DDP rank its own classes and the same number of batches.
 
 Validation: with ``val_fraction=0`` the validation loader runs on the test split, as the papers report (the benchmarks
 have no official validation set, except Aircraft with ``train_split="train"``); select the last epoch, not the best
@@ -34,7 +34,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -43,10 +43,9 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
-from datamodules.base import DatasetNotFoundError, ZooDataModule, read_image, require_path
-from datamodules.classification import IMAGENET_MEAN, IMAGENET_STD
-from datamodules.sampler import BalancedClassSampler
+from datamodules.base import IMAGENET_MEAN, IMAGENET_STD, DatasetNotFoundError, ZooDataModule, read_image, require_path
 from datamodules.generated.finegrained_toybirds import write_toy_birds
+from datamodules.sampler import BalancedClassSampler
 
 __all__ = [
     "FineGrainedDataset",
@@ -165,6 +164,7 @@ class FineGrainedDataModule(ZooDataModule):
 
     def __init__(
         self,
+        *,
         root: str,
         image_size: int = 448,
         resize: int = 512,
@@ -181,7 +181,8 @@ class FineGrainedDataModule(ZooDataModule):
         num_workers: int = 4,
         pin_memory: bool = False,
     ) -> None:
-        super().__init__(batch_size, eval_batch_size, num_workers, pin_memory)
+        super().__init__(batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers,
+                         pin_memory=pin_memory)
         if image_size > resize:
             raise ValueError(f"image_size ({image_size}) must not exceed resize ({resize}): it is a crop of the "
                              "resized image")
@@ -259,11 +260,6 @@ class FineGrainedDataModule(ZooDataModule):
     def setup(self, stage: Optional[str] = None) -> None:
         if self.train_set is not None:
             return
-        trainer = getattr(self, "trainer", None)
-        if (self.classes_per_batch is not None and trainer is not None and trainer.world_size > 1
-                and trainer._accelerator_connector.use_distributed_sampler):
-            raise RuntimeError("BalancedClassSampler shards batches across ranks itself: set "
-                               "`trainer.use_distributed_sampler: false` when classes_per_batch is set")
         train, test = self._records("train"), self._records("test")
         self._check("train", train)
         self._check("test", test)
@@ -284,20 +280,15 @@ class FineGrainedDataModule(ZooDataModule):
             self.val_set = self.test_set if val is None else self._dataset(val, self.eval_transform())
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled batches of ``batch_size``, or with ``classes_per_batch`` set, ``P × K`` balanced batches.
-
-        ``BalancedClassSampler`` gives every DDP rank its own classes and the same number of batches; Lightning cannot
-        wrap a batch sampler in a ``DistributedSampler``, so the config must set
-        ``trainer.use_distributed_sampler: false`` under DDP (``setup`` refuses otherwise).
-        """
+        """Shuffled batches of ``batch_size``, or with ``classes_per_batch`` set, ``P × K`` balanced batches
+        (``BalancedClassSampler`` gives every DDP rank its own classes and the same number of batches)."""
         if self.classes_per_batch is None:
             return super().train_dataloader()
-        if self.train_set is None:
-            raise RuntimeError(f"{type(self).__name__}: call setup() before train_dataloader()")
-        sampler = BalancedClassSampler(self.train_set.labels, self.classes_per_batch, self.images_per_class,
-                                       seed=self.seed)
-        return DataLoader(self.train_set, batch_sampler=sampler, num_workers=self.num_workers,
-                          pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0)
+        dataset = self._require(self.train_set, "training")
+        rank, world = self._world()
+        sampler = BalancedClassSampler(dataset.labels, self.classes_per_batch, self.images_per_class, seed=self.seed,
+                                       rank=rank, world_size=world)
+        return self.batch_sampler_loader(dataset, sampler)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -348,8 +339,8 @@ class _CUBFormatDataModule(FineGrainedDataModule):
     #: True: only classes that label at least one image are kept (NABirds' classes.txt lists inner hierarchy nodes)
     used_classes_only = False
 
-    def __init__(self, root: str, **kwargs) -> None:
-        super().__init__(root, **kwargs)
+    def __init__(self, *, root: str, **kwargs: Any) -> None:
+        super().__init__(root=root, **kwargs)
         self.class_ids: list[int] = []  # the dataset's own class id of every contiguous label
         self._splits: Optional[dict[str, Records]] = None
 
@@ -426,8 +417,8 @@ class CUBDataModule(_CUBFormatDataModule):
     how_to_get = ("download CUB_200_2011.tgz from https://data.caltech.edu/records/65de6-vp158 and unpack it into "
                   "<root>")
 
-    def __init__(self, root: str = "data/cub", **kwargs) -> None:
-        super().__init__(root, **kwargs)
+    def __init__(self, *, root: str = "data/cub", **kwargs: Any) -> None:
+        super().__init__(root=root, **kwargs)
 
 
 class NABirdsDataModule(_CUBFormatDataModule):
@@ -448,8 +439,8 @@ class NABirdsDataModule(_CUBFormatDataModule):
                   "the terms of use) and unpack it into <root>")
     used_classes_only = True
 
-    def __init__(self, root: str = "data/nabirds", **kwargs) -> None:
-        super().__init__(root, **kwargs)
+    def __init__(self, *, root: str = "data/nabirds", **kwargs: Any) -> None:
+        super().__init__(root=root, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -484,13 +475,14 @@ class FGVCAircraftDataModule(FineGrainedDataModule):
 
     def __init__(
         self,
+        *,
         root: str = "data/fgvc-aircraft",
         annotation_level: str = "variant",
         train_split: str = "trainval",
         crop_bottom: int = 20,
-        **kwargs,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(root, **kwargs)
+        super().__init__(root=root, **kwargs)
         if annotation_level not in _AIRCRAFT_CLASS_FILES:
             raise ValueError(f"annotation_level must be one of {list(_AIRCRAFT_CLASS_FILES)}, got {annotation_level!r}")
         if train_split not in ("train", "trainval"):
@@ -585,8 +577,8 @@ class StanfordCarsDataModule(FineGrainedDataModule):
         **kwargs: see ``FineGrainedDataModule``.
     """
 
-    def __init__(self, root: str = "data/stanford_cars", **kwargs) -> None:
-        super().__init__(root, **kwargs)
+    def __init__(self, *, root: str = "data/stanford_cars", **kwargs: Any) -> None:
+        super().__init__(root=root, **kwargs)
 
     def _base(self) -> Path:
         root = require_path(self.root, "Stanford Cars", _CARS_LAYOUT, _CARS_HOW)
@@ -653,6 +645,7 @@ class ToyBirdsDataModule(CUBDataModule):
 
     def __init__(
         self,
+        *,
         root: str = "data/toybirds",
         bird_size: int = 64,
         train_per_class: int = 64,
@@ -662,10 +655,10 @@ class ToyBirdsDataModule(CUBDataModule):
         resize: int = 64,
         batch_size: int = 32,
         num_workers: int = 0,
-        **kwargs,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(root, image_size=image_size, resize=resize, batch_size=batch_size, num_workers=num_workers,
-                         **kwargs)
+        super().__init__(root=root, image_size=image_size, resize=resize, batch_size=batch_size,
+                         num_workers=num_workers, **kwargs)
         self.bird_args = dict(image_size=bird_size, train_per_class=train_per_class, test_per_class=test_per_class,
                               seed=bird_seed)
 

@@ -40,7 +40,6 @@ from torchvision.transforms import v2
 
 from datamodules.base import CorruptImageError, ZooDataModule, read_image, require_path
 from datamodules.generated.gan_digit_domains import write_digit_domains
-from datamodules.sampler import ShardedRandomBatchSampler
 
 __all__ = [
     "IMAGE_EXTENSIONS", "UNPAIRED_LAYOUT", "SPLITS", "list_images", "read_labels_file", "UnpairedImageDataset",
@@ -152,6 +151,7 @@ class UnpairedDataModule(ZooDataModule):
 
     def __init__(
         self,
+        *,
         root: str,
         image_size: int = 256,
         load_size: Optional[int] = 286,
@@ -164,7 +164,8 @@ class UnpairedDataModule(ZooDataModule):
         pin_memory: bool = True,
         labels_file: Optional[str] = None,
     ) -> None:
-        super().__init__(batch_size, eval_batch_size, num_workers, pin_memory)
+        super().__init__(batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers,
+                         pin_memory=pin_memory)
         if image_size < 1:
             raise ValueError(f"image_size must be ≥ 1, got {image_size}")
         if load_size is not None and image_size > load_size:
@@ -244,7 +245,6 @@ class UnpairedDataModule(ZooDataModule):
         return datasets
 
     def setup(self, stage: Optional[str] = None) -> None:
-        self._refuse_lightning_sampler()
         wanted = []
         if stage in (None, "fit") and self.train_a is None:
             wanted += ["trainA", "trainB"]
@@ -286,25 +286,17 @@ class UnpairedDataModule(ZooDataModule):
         _, world = self._world()
         return max(1, max(len(self.train_a), len(self.train_b)) // (self.batch_size * world))
 
-    def _train_loader(self, dataset: Dataset, seed: int) -> DataLoader:
-        rank, world = self._world()
-        sampler = ShardedRandomBatchSampler(len(dataset), self.batch_size, self.num_train_steps(), seed, rank, world)
-        trainer = getattr(self, "trainer", None)
-        sampler.set_epoch(trainer.current_epoch if trainer is not None else 0)
-        return DataLoader(dataset, batch_sampler=sampler, num_workers=self.num_workers, pin_memory=self.pin_memory,
-                          persistent_workers=self.num_workers > 0)
-
     def train_dataloader(self) -> CombinedLoader:
         if self.train_a is None or self.train_b is None:
             raise RuntimeError(f"{type(self).__name__}: call setup('fit') before train_dataloader()")
-        # Different seeds: A and B are shuffled independently, so no fixed A/B pairing recurs across epochs.
-        return CombinedLoader({"A": self._train_loader(self.train_a, 2 * self.seed),
-                               "B": self._train_loader(self.train_b, 2 * self.seed + 1)}, mode="max_size_cycle")
+        # Two streams with their own seeds: A and B are shuffled independently, so no A/B pairing recurs.
+        return self.two_stream_loader({"A": (self.train_a, self.batch_size), "B": (self.train_b, self.batch_size)},
+                                      self.num_train_steps(), self.seed)
 
     def _eval_loaders(self) -> list[DataLoader]:
         if self.test_a is None or self.test_b is None:
             raise RuntimeError(f"{type(self).__name__}: call setup() before the evaluation loaders")
-        return [self._strided_eval_loader(self.test_a), self._strided_eval_loader(self.test_b)]
+        return [self.eval_loader(self.test_a), self.eval_loader(self.test_b)]
 
     def val_dataloader(self) -> list[DataLoader]:
         return self._eval_loaders()
@@ -334,6 +326,7 @@ class DigitDomainsDataModule(UnpairedDataModule):
 
     def __init__(
         self,
+        *,
         root: str = "data/digit_domains",
         image_size: int = 32,
         load_size: Optional[int] = 36,
@@ -346,9 +339,10 @@ class DigitDomainsDataModule(UnpairedDataModule):
         num_workers: int = 0,
         pin_memory: bool = False,
     ) -> None:
-        super().__init__(root, image_size, load_size, flip, batch_size, eval_batch_size, steps_per_epoch,
-                         seed if sampler_seed is None else sampler_seed, num_workers, pin_memory,
-                         labels_file="labels.csv")
+        super().__init__(root=root, image_size=image_size, load_size=load_size, flip=flip, batch_size=batch_size,
+                         eval_batch_size=eval_batch_size, steps_per_epoch=steps_per_epoch,
+                         seed=seed if sampler_seed is None else sampler_seed, num_workers=num_workers,
+                         pin_memory=pin_memory, labels_file="labels.csv")
         self.generator_seed = seed
 
     def prepare_data(self) -> None:

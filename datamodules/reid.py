@@ -30,22 +30,20 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import Callable, NamedTuple, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import torch
 from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
-from datamodules.base import DatasetNotFoundError, ZooDataModule, read_image, require_path
-from datamodules.sampler import ShardedRandomBatchSampler
+from datamodules.base import IMAGENET_MEAN, IMAGENET_STD, DatasetNotFoundError, ZooDataModule, read_image, require_path
 
 __all__ = [
     "ReIDRecords", "parse_reid_folder", "camstyle_path", "ReIDImageDataset", "CamStyleTargetDataset",
     "RandomSizedRectCrop", "CrossDomainReIDDataModule", "SyntheticReIDDataModule",
 ]
 
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 _NAME = re.compile(r"([-\d]+)_c(\d+)")
 
 MARKET_LAYOUT = """\
@@ -225,6 +223,7 @@ class CrossDomainReIDDataModule(ZooDataModule):
 
     def __init__(
         self,
+        *,
         source_root: str = "data/duke",
         target_root: str = "data/market",
         image_size: Sequence[int] = (256, 128),
@@ -240,7 +239,8 @@ class CrossDomainReIDDataModule(ZooDataModule):
         num_workers: int = 4,
         pin_memory: bool = True,
     ) -> None:
-        super().__init__(batch_size, eval_batch_size, num_workers, pin_memory)
+        super().__init__(batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers,
+                         pin_memory=pin_memory)
         if camstyle_naming not in ("pair", "target"):
             raise ValueError(f"camstyle_naming must be 'pair' or 'target', got {camstyle_naming!r}")
         self.source_root, self.target_root = Path(source_root), Path(target_root)
@@ -270,7 +270,6 @@ class CrossDomainReIDDataModule(ZooDataModule):
                            v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(self.mean, self.std)])
 
     def setup(self, stage: Optional[str] = None) -> None:
-        self._refuse_lightning_sampler()
         if self.query_set is None:
             self.query_set = ReIDImageDataset(parse_reid_folder(self.target_root / "query"), self.eval_transform())
             self.gallery_set = ReIDImageDataset(parse_reid_folder(self.target_root / "bounding_box_test"),
@@ -295,14 +294,6 @@ class CrossDomainReIDDataModule(ZooDataModule):
             return len(parse_reid_folder(self.target_root / "bounding_box_train").paths)
         return len(self.target_set)
 
-    def _train_loader(self, dataset: Dataset, batch: int, num_batches: int, seed: int) -> DataLoader:
-        rank, world = self._world()
-        sampler = ShardedRandomBatchSampler(len(dataset), batch, num_batches, seed, rank, world)
-        trainer = getattr(self, "trainer", None)
-        sampler.set_epoch(trainer.current_epoch if trainer is not None else 0)
-        return DataLoader(dataset, batch_sampler=sampler, num_workers=self.num_workers, pin_memory=self.pin_memory,
-                          persistent_workers=self.num_workers > 0)
-
     def train_dataloader(self) -> CombinedLoader:
         if self.source_set is None or self.target_set is None:
             raise RuntimeError(f"{type(self).__name__}: call setup('fit') before train_dataloader()")
@@ -311,15 +302,13 @@ class CrossDomainReIDDataModule(ZooDataModule):
         if num_batches == 0:
             raise ValueError(f"{len(self.source_set)} source images cannot fill one step of {self.batch_size} × "
                              f"{world} ranks: lower batch_size")
-        return CombinedLoader({
-            "source": self._train_loader(self.source_set, self.batch_size, num_batches, 2 * self.seed),
-            "target": self._train_loader(self.target_set, self.target_batch_size, num_batches, 2 * self.seed + 1),
-        }, mode="max_size_cycle")
+        return self.two_stream_loader({"source": (self.source_set, self.batch_size),
+                                       "target": (self.target_set, self.target_batch_size)}, num_batches, self.seed)
 
     def _eval_loaders(self) -> list[DataLoader]:
         if self.query_set is None or self.gallery_set is None:
             raise RuntimeError(f"{type(self).__name__}: call setup() before the evaluation loaders")
-        return [self._strided_eval_loader(self.query_set), self._strided_eval_loader(self.gallery_set)]
+        return [self.eval_loader(self.query_set), self.eval_loader(self.gallery_set)]
 
     def val_dataloader(self) -> list[DataLoader]:
         return self._eval_loaders()
@@ -339,17 +328,18 @@ class SyntheticReIDDataModule(CrossDomainReIDDataModule):
     Duke→Market analogue); ``"target2source"`` swaps them.
     """
 
-    def __init__(self, root: str = "data/synthetic_reid", generator_seed: int = 0, direction: str = "source2target",
-                 image_size: Sequence[int] = (64, 32), batch_size: int = 64, target_batch_size: Optional[int] = None,
-                 eval_batch_size: Optional[int] = 256, camstyle: bool = True, random_erasing: float = 0.5,
-                 rect_crop: bool = True, seed: int = 0, num_workers: int = 0, pin_memory: bool = False) -> None:
+    def __init__(self, *, root: str = "data/synthetic_reid", generator_seed: int = 0,
+                 direction: str = "source2target", image_size: Sequence[int] = (64, 32), batch_size: int = 64,
+                 eval_batch_size: Optional[int] = 256, num_workers: int = 0, pin_memory: bool = False,
+                 **kwargs: Any) -> None:
         if direction not in ("source2target", "target2source"):
             raise ValueError(f"direction must be 'source2target' or 'target2source', got {direction!r}")
         source, target = (Path(root) / "source", Path(root) / "target")
         if direction == "target2source":
             source, target = target, source
-        super().__init__(str(source), str(target), image_size, batch_size, target_batch_size, eval_batch_size,
-                         camstyle, "pair", None, random_erasing, rect_crop, seed, num_workers, pin_memory)
+        super().__init__(source_root=str(source), target_root=str(target), image_size=image_size,
+                         batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers,
+                         pin_memory=pin_memory, **kwargs)
         self.root, self.generator_seed = Path(root), generator_seed
 
     def prepare_data(self) -> None:

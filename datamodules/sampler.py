@@ -1,28 +1,41 @@
-"""Batch samplers shared by families whose losses compare images within a batch (re-ID, fine-grained, few-shot).
+"""The zoo's batch samplers: every epoch's batches are a function of the epoch, every rank gets its own share, and a run
+resumed from a checkpoint written in the middle of an epoch continues with that epoch's next batch.
 
-``BalancedClassSampler`` builds every batch from ``P`` classes × ``K`` images, the ``PK`` batch of re-ID's batch-hard
-triplet loss (Hermans et al. 2017) and API-Net's ``BalancedBatchSampler`` (Zhuang et al. 2020, 30 × 4 on CUB): a
-loss that mines a same-class partner for every image needs at least two images of each class in the batch.
+* ``RandomBatchSampler``: shuffled batches over the whole data set, ``DataLoader(shuffle=True)``'s batches made
+  resumable and DDP-sharded (the plain loaders of ``ZooDataModule``).
+* ``ShardedRandomBatchSampler``: exactly ``num_batches`` random batches per epoch, for streams that must stay in
+  lock-step (labeled/unlabeled, source/target, A/B; ``ZooDataModule.two_stream_loader``).
+* ``BalancedClassSampler``: ``P`` classes × ``K`` images, the ``PK`` batch of re-ID's batch-hard triplet loss
+  (Hermans et al. 2017) and API-Net's ``BalancedBatchSampler`` (Zhuang et al. 2020, 30 × 4 on CUB): a loss that mines
+  a same-class partner for every image needs at least two images of each class in the batch.
+* ``ClassBalancedBatchSampler``: plain batches in which every class appears equally often.
 
-The samplers here are DDP-aware on their own: every rank builds the same epoch from ``(seed, epoch)`` and takes its
-share, and every rank gets the same number of batches (otherwise one rank would wait forever in a collective). Use
-them with ``trainer.use_distributed_sampler: false``; Lightning cannot wrap a batch sampler in a
-``DistributedSampler`` anyway. They derive from ``EpochBatchSampler`` so that Lightning's per-epoch ``set_epoch``
-reaches them.
+The samplers are DDP-aware on their own: every rank builds the same epoch from ``(seed, epoch)`` and takes its
+share, and every rank gets the same number of batches (otherwise one rank would wait forever in a collective).
+Lightning cannot wrap a batch sampler in a ``DistributedSampler`` anyway; the zoo's CLI sets
+``trainer.use_distributed_sampler: false`` and ``ZooDataModule`` refuses DDP without it.
+
+Resuming (``EpochBatchSampler``): Lightning saves the position of a *stateful* training loader in its checkpoints
+(``state_dict`` / ``load_state_dict``, its ``_Stateful`` protocol) and restores it before the loader is iterated.
+``ResumableDataLoader`` (``datamodules.base``) reports ``(epoch, batches served)``; ``resume`` makes the sampler's
+next iteration be that epoch with its first batches skipped. Without this, Lightning resumes its step counters but
+the loader restarts the epoch, serving its first batches again and never the rest.
 """
 
 from __future__ import annotations
 
+import math
+import os
 import warnings
-from typing import Iterator, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
 __all__ = [
-    "EpochBatchSampler", "BalancedClassSampler", "ClassBalancedBatchSampler", "ShardedRandomBatchSampler",
-    "dist_rank_world", "seeded_generator",
+    "EpochBatchSampler", "RandomBatchSampler", "BalancedClassSampler", "ClassBalancedBatchSampler",
+    "ShardedRandomBatchSampler", "dist_rank_world", "seeded_generator",
 ]
 
 
@@ -44,22 +57,121 @@ def seeded_generator(*key: int) -> torch.Generator:
 
 
 class EpochBatchSampler(Sampler[list[int]]):
-    """Base of the zoo's batch samplers: ``set_epoch(epoch)`` selects the epoch's batches.
+    """Base of the zoo's batch samplers: ``epoch_batches()`` gives this rank's batches of ``self.epoch``.
 
-    Lightning's fit loop calls ``set_epoch`` on ``loader.sampler`` and on ``loader.batch_sampler.sampler``, never on
-    the batch sampler itself (``lightning.fabric.utilities.data._set_sampler_epoch``); without a ``sampler``
-    attribute a batch sampler would replay epoch 0's batches in every epoch. ``sampler`` is therefore the batch
-    sampler itself.
+    ``set_epoch(epoch)`` selects the epoch. Lightning's fit loop calls ``set_epoch`` on ``loader.sampler`` and on
+    ``loader.batch_sampler.sampler``, never on the batch sampler itself
+    (``lightning.fabric.utilities.data._set_sampler_epoch``); without a ``sampler`` attribute a batch sampler would
+    replay epoch 0's batches in every epoch. ``sampler`` is therefore the batch sampler itself.
+
+    ``resume(epoch, batches_done, state)`` makes the next iteration serve ``epoch`` without its first
+    ``batches_done`` batches. The skipped batches are rebuilt, not drawn anew, so the rest is exactly what the
+    interrupted run would have served; ``state`` is what ``epoch_state()`` returned then, for a sampler whose epoch
+    depends on more than ``(seed, epoch)``. A later ``set_epoch`` to another epoch cancels the resume.
     """
 
     epoch: int = 0
+    _resume: Optional[tuple[int, int, dict[str, Any]]] = None
+    #: the epoch and the number of skipped batches of the iteration in progress (read by ``ResumableDataLoader``)
+    iteration: tuple[int, int] = (0, 0)
 
     @property
     def sampler(self) -> "EpochBatchSampler":
         return self
 
     def set_epoch(self, epoch: int) -> None:
+        if self._resume is not None and self._resume[0] != epoch:
+            self._resume = None
         self.epoch = epoch
+
+    def resume(self, epoch: int, batches_done: int, state: Optional[dict[str, Any]] = None) -> None:
+        self._resume = (epoch, batches_done, dict(state or {}))
+        self.epoch = epoch
+
+    def epoch_batches(self) -> Iterator[list[int]]:
+        """This rank's batches of ``self.epoch``, in order."""
+        raise NotImplementedError(f"{type(self).__name__} must implement epoch_batches()")
+
+    def begin_epoch(self) -> None:
+        """Called when a fresh (not a resumed) epoch starts: draw what the epoch needs beyond ``(seed, epoch)``."""
+
+    def epoch_state(self) -> dict[str, Any]:
+        """What, beyond ``(seed, epoch)``, rebuilds the epoch in progress."""
+        return {}
+
+    def load_epoch_state(self, state: dict[str, Any]) -> None:
+        """Restore ``epoch_state()`` (before a resumed iteration)."""
+
+    def __iter__(self) -> Iterator[list[int]]:
+        skip = 0
+        if self._resume is not None:
+            (self.epoch, skip, state), self._resume = self._resume, None
+            self.load_epoch_state(state)
+        else:
+            self.begin_epoch()
+        self.iteration = (self.epoch, skip)
+        for index, batch in enumerate(self.epoch_batches()):
+            if index >= skip:
+                yield batch
+
+
+class RandomBatchSampler(EpochBatchSampler):
+    """Shuffled batches of ``batch_size`` covering ``num_items`` once per epoch, the last batch smaller.
+
+    One process without a ``seed``: the epoch's permutation comes from a seed drawn from torch's global RNG when the
+    epoch starts, exactly as ``DataLoader(shuffle=True)``'s ``RandomSampler`` draws it, so a run gets the very batches
+    it got with a plain shuffled loader. The seed is part of ``epoch_state``, so a resumed epoch replays its
+    permutation (and ``zoo.callbacks.LastCheckpoint`` restores the global RNG for the epochs after).
+
+    Several processes, or a ``seed``: the permutation comes from ``seed + epoch`` (default ``PL_GLOBAL_SEED``, the
+    run's ``seed_everything``, as Lightning seeds its ``DistributedSampler``), is padded with its own first items to a
+    multiple of the world size, and rank ``r`` takes items ``r, r + w, ...``: Lightning's ``DistributedSampler``
+    followed by batching, so every rank gets the same number of batches.
+
+    Args:
+        num_items: data set size.
+        batch_size: items per batch on each rank.
+        seed: fixes the permutations with the epoch instead of the global RNG.
+        rank, world_size: this process's shard (default: from ``torch.distributed``, else a single process).
+    """
+
+    def __init__(self, num_items: int, batch_size: int, seed: Optional[int] = None, rank: Optional[int] = None,
+                 world_size: Optional[int] = None) -> None:
+        if num_items < 1 or batch_size < 1:
+            raise ValueError(f"need num_items ≥ 1 and batch_size ≥ 1, got {num_items}, {batch_size}")
+        self.num_items, self.batch_size = num_items, batch_size
+        self.rank, self.world_size = dist_rank_world(rank, world_size)
+        if seed is None and self.world_size > 1:
+            seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        self.seed = seed
+        self.epoch = 0
+        self._epoch_seed: Optional[int] = None
+
+    def __len__(self) -> int:
+        return math.ceil(math.ceil(self.num_items / self.world_size) / self.batch_size)
+
+    def begin_epoch(self) -> None:
+        if self.seed is None:
+            # RandomSampler's own draw, at the same moment: when the epoch's first batch is asked for.
+            self._epoch_seed = int(torch.empty((), dtype=torch.int64).random_().item())
+        else:
+            self._epoch_seed = self.seed + self.epoch
+
+    def epoch_state(self) -> dict[str, Any]:
+        return {"epoch_seed": self._epoch_seed}
+
+    def load_epoch_state(self, state: dict[str, Any]) -> None:
+        self._epoch_seed = state.get("epoch_seed")
+        if self._epoch_seed is None:
+            self.begin_epoch()
+
+    def epoch_batches(self) -> Iterator[list[int]]:
+        order = torch.randperm(self.num_items, generator=torch.Generator().manual_seed(self._epoch_seed))
+        if self.world_size > 1:
+            total = math.ceil(self.num_items / self.world_size) * self.world_size
+            order = order.repeat(math.ceil(total / self.num_items))[:total][self.rank :: self.world_size]
+        for batch in order.split(self.batch_size):
+            yield batch.tolist()
 
 
 class BalancedClassSampler(EpochBatchSampler):
@@ -133,7 +245,7 @@ class BalancedClassSampler(EpochBatchSampler):
             chosen[start : start + rows] = keys.topk(per_step, dim=1).indices
         return chosen
 
-    def _epoch_batches(self) -> torch.Tensor:
+    def _epoch_table(self) -> torch.Tensor:
         """``(steps, world_size, P·K)`` dataset indices of the whole epoch, the same on every rank."""
         k = self.images_per_class
         generator = seeded_generator(self.seed, self.epoch)
@@ -164,8 +276,8 @@ class BalancedClassSampler(EpochBatchSampler):
             items[in_pass] = self._dataset_index[shuffled[position[:, None] + offsets]]
         return items.view(steps, self.world_size, self.classes_per_batch * k)
 
-    def __iter__(self) -> Iterator[list[int]]:
-        yield from self._epoch_batches()[:, self.rank].tolist()
+    def epoch_batches(self) -> Iterator[list[int]]:
+        yield from self._epoch_table()[:, self.rank].tolist()
 
 
 class ClassBalancedBatchSampler(EpochBatchSampler):
@@ -193,7 +305,7 @@ class ClassBalancedBatchSampler(EpochBatchSampler):
     def __len__(self) -> int:
         return len(self.labels) // (self.batch_size * self.world_size)
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def epoch_batches(self) -> Iterator[list[int]]:
         g = seeded_generator(self.seed, self.epoch)  # the same stream on every rank; ranks take disjoint batches
         n = len(self.labels)
         shuffled = torch.randperm(n, generator=g)
@@ -276,5 +388,5 @@ class ShardedRandomBatchSampler(EpochBatchSampler):
             filled += n
         return torch.cat(passes)[:needed].view(self.num_batches, self.world_size, self.batch_size)
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def epoch_batches(self) -> Iterator[list[int]]:
         yield from self._epoch_stream()[:, self.rank].tolist()

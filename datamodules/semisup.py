@@ -12,33 +12,32 @@ The labeled split is class-balanced and seeded (``labeled_split``); as in UDA, M
 whole training set by default (``unlabeled_includes_labeled``). Evaluation is on the test split, the classic protocol
 (there is no validation split; report the last checkpoint, not the best on test).
 
-Both streams come from ``ShardedRandomBatchSampler``: under DDP each rank draws disjoint images at every step and
-all ranks get the same number of steps, so a config must set ``trainer.use_distributed_sampler: false`` (``setup``
-refuses otherwise). An epoch is one pass over the unlabeled set; the labeled set is cycled within it, reshuffled at
-every pass. Classic SSL recipes are step-based: use ``trainer.max_steps``.
+The two streams come from ``ZooDataModule.two_stream_loader``: under DDP each rank draws disjoint images at every
+step, all ranks get the same number of steps, and a run resumed mid-epoch continues both streams where they were. An
+epoch is one pass over the unlabeled set; the labeled set is cycled within it, reshuffled at every pass. Classic SSL
+recipes are step-based: use ``trainer.max_steps``.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
 from lightning.pytorch.utilities import CombinedLoader
 from sklearn.model_selection import train_test_split
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
 from datamodules.base import ZooDataModule, require_path
-from datamodules.digits import load_digit_images
-from datamodules.sampler import ShardedRandomBatchSampler
+from datamodules.cifar import download_cifar, read_cifar
+from datamodules.digits import TensorImageDataset, load_digit_images
 
 __all__ = [
-    "labeled_split", "Cutout", "GaussianNoise", "RandomMagnitudeRandAugment",
-    "ImageTensorDataset", "TwoViewDataset", "SemiSupervisedDataModule", "DigitsSemiSupDataModule",
-    "CIFAR10SemiSupDataModule", "CIFAR100SemiSupDataModule", "SVHNSemiSupDataModule", "STL10SemiSupDataModule",
+    "labeled_split", "Cutout", "GaussianNoise", "RandomMagnitudeRandAugment", "TwoViewDataset",
+    "SemiSupervisedDataModule", "DigitsSemiSupDataModule", "NaturalImageSemiSupDataModule", "CIFAR10SemiSupDataModule", "CIFAR100SemiSupDataModule", "SVHNSemiSupDataModule", "STL10SemiSupDataModule",
 ]
 
 
@@ -100,20 +99,6 @@ class RandomMagnitudeRandAugment(nn.Module):
         return self.augment(image)
 
 
-class ImageTensorDataset(Dataset):
-    """Images ``(N, C, H, W)`` (uint8 or float) and labels, one transform per item."""
-
-    def __init__(self, images: torch.Tensor, targets: torch.Tensor, transform: Optional[Callable] = None) -> None:
-        self.images, self.targets, self.transform = images, targets, transform
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def __getitem__(self, i: int):
-        image = self.images[i]
-        return (self.transform(image) if self.transform else image), self.targets[i]
-
-
 class TwoViewDataset(Dataset):
     """Item ``i`` of ``base`` as ``((weak(x), strong(x)), target)``: two independent augmentations of one image."""
 
@@ -138,10 +123,11 @@ class SemiSupervisedDataModule(ZooDataModule):
         split_seed: seed of the labeled split.
         seed: seed of the batch order (with the epoch).
         batch_size: labeled images per step and process (the unlabeled batch is ``μ × batch_size``).
-        eval_batch_size, num_workers, pin_memory: see ``ZooDataModule``.
+        eval_batch_size: default ``4 × batch_size``.
+        num_workers, pin_memory: see ``ZooDataModule``.
 
     Subclasses implement ``_load(split) -> (images uint8|float (N, C, H, W), targets (N,))`` for ``"train"`` and
-    ``"test"`` (and ``"extra_unlabeled"`` when they have one, targets ``-1``), and ``weak_transform``,
+    ``"test"`` (and ``"extra_unlabeled"`` when ``has_extra_unlabeled()``, targets ``-1``), and ``weak_transform``,
     ``strong_transform``, ``eval_transform`` on single image tensors.
     """
 
@@ -150,6 +136,7 @@ class SemiSupervisedDataModule(ZooDataModule):
 
     def __init__(
         self,
+        *,
         num_labels_per_class: Optional[int] = 400,
         mu: int = 7,
         unlabeled_includes_labeled: bool = True,
@@ -160,7 +147,8 @@ class SemiSupervisedDataModule(ZooDataModule):
         num_workers: int = 4,
         pin_memory: bool = True,
     ) -> None:
-        super().__init__(batch_size, eval_batch_size or 4 * batch_size, num_workers, pin_memory)
+        super().__init__(batch_size=batch_size, eval_batch_size=eval_batch_size or 4 * batch_size,
+                         num_workers=num_workers, pin_memory=pin_memory)
         if mu < 1:
             raise ValueError(f"mu must be >= 1, got {mu}")
         self.num_labels_per_class, self.mu = num_labels_per_class, mu
@@ -171,22 +159,22 @@ class SemiSupervisedDataModule(ZooDataModule):
         self.unlabeled_indices: Optional[np.ndarray] = None
 
     def _load(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must implement _load(split)")
 
     def has_extra_unlabeled(self) -> bool:
         return False
 
     def weak_transform(self) -> Callable:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must implement weak_transform()")
 
     def strong_transform(self) -> Callable:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must implement strong_transform()")
 
     def eval_transform(self) -> Callable:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must implement eval_transform()")
 
     def setup(self, stage: Optional[str] = None) -> None:
-        self._refuse_lightning_sampler()
+        self._check_sampler_setting()
         if self.test_set is not None:
             return
         images, targets = self._load("train")
@@ -198,37 +186,28 @@ class SemiSupervisedDataModule(ZooDataModule):
         unlabeled = (np.arange(len(targets)) if self.unlabeled_includes_labeled
                      else np.setdiff1d(np.arange(len(targets)), labeled))
         self.labeled_indices, self.unlabeled_indices = labeled, unlabeled
-        self.labeled_set = ImageTensorDataset(images[labeled], targets[labeled], self.weak_transform())
+        self.labeled_set = TensorImageDataset(images[labeled], targets[labeled], self.weak_transform())
         u_images, u_targets = images[unlabeled], targets[unlabeled]
         if self.has_extra_unlabeled():
             extra_images, extra_targets = self._load("extra_unlabeled")
             u_images, u_targets = torch.cat([u_images, extra_images]), torch.cat([u_targets, extra_targets])
-        self.unlabeled_set = TwoViewDataset(ImageTensorDataset(u_images, u_targets), self.weak_transform(),
+        self.unlabeled_set = TwoViewDataset(TensorImageDataset(u_images, u_targets), self.weak_transform(),
                                             self.strong_transform())
         if len(self.unlabeled_set) == 0:
             raise ValueError("the unlabeled set is empty: set unlabeled_includes_labeled: true or label fewer images")
-        self.test_set = self.val_set = ImageTensorDataset(test_images, test_targets, self.eval_transform())
+        self.test_set = self.val_set = TensorImageDataset(test_images, test_targets, self.eval_transform())
 
     def train_dataloader(self) -> CombinedLoader:
         if self.labeled_set is None or self.unlabeled_set is None:
             raise RuntimeError(f"{type(self).__name__}: call setup() before train_dataloader()")
-        rank, world = self._world()
+        _, world = self._world()
         unlabeled_batch = self.mu * self.batch_size
         num_batches = len(self.unlabeled_set) // (unlabeled_batch * world)
         if num_batches == 0:
             raise ValueError(f"{len(self.unlabeled_set)} unlabeled images cannot fill one step of {unlabeled_batch} × "
                              f"{world} ranks: lower batch_size or mu")
-        epoch = self.trainer.current_epoch if getattr(self, "trainer", None) is not None else 0
-
-        def loader(dataset: Dataset, batch: int, seed: int) -> DataLoader:
-            sampler = ShardedRandomBatchSampler(len(dataset), batch, num_batches, seed, rank, world)
-            sampler.set_epoch(epoch)
-            return DataLoader(dataset, batch_sampler=sampler, num_workers=self.num_workers,
-                              pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0)
-
-        return CombinedLoader({"labeled": loader(self.labeled_set, self.batch_size, 2 * self.seed),
-                               "unlabeled": loader(self.unlabeled_set, unlabeled_batch, 2 * self.seed + 1)},
-                              mode="max_size_cycle")
+        return self.two_stream_loader({"labeled": (self.labeled_set, self.batch_size),
+                                       "unlabeled": (self.unlabeled_set, unlabeled_batch)}, num_batches, self.seed)
 
 
 def _float_normalized(mean: Sequence[float], std: Sequence[float]) -> list[Callable]:
@@ -252,11 +231,11 @@ class DigitsSemiSupDataModule(SemiSupervisedDataModule):
 
     class_names = tuple(str(d) for d in range(10))
 
-    def __init__(self, image_size: int = 16, num_labels_per_class: Optional[int] = 5, mu: int = 7,
-                 unlabeled_includes_labeled: bool = True, split_seed: int = 0, seed: int = 0, batch_size: int = 16,
-                 eval_batch_size: Optional[int] = 256, num_workers: int = 0, pin_memory: bool = False) -> None:
-        super().__init__(num_labels_per_class, mu, unlabeled_includes_labeled, split_seed, seed, batch_size,
-                         eval_batch_size, num_workers, pin_memory)
+    def __init__(self, *, image_size: int = 16, num_labels_per_class: Optional[int] = 5, batch_size: int = 16,
+                 eval_batch_size: Optional[int] = 256, num_workers: int = 0, pin_memory: bool = False,
+                 **kwargs: Any) -> None:
+        super().__init__(num_labels_per_class=num_labels_per_class, batch_size=batch_size,
+                         eval_batch_size=eval_batch_size, num_workers=num_workers, pin_memory=pin_memory, **kwargs)
         self.image_size = image_size
         self._data: Optional[dict] = None
 
@@ -302,76 +281,71 @@ class DigitsSemiSupDataModule(SemiSupervisedDataModule):
         return data["pixels"][index], data["labels"].numpy()[index]
 
 
-class CIFAR10SemiSupDataModule(SemiSupervisedDataModule):
-    """CIFAR-10 from its python pickle batches; 4,000 labels (400 per class) by default, as in UDA / MPL tables.
+class NaturalImageSemiSupDataModule(SemiSupervisedDataModule):
+    """UDA's and FixMatch's views of natural images, for the sets below (``image_side``, ``mean``/``std``, ``flip``,
+    ``crop_padding`` and ``cutout`` are class attributes of each set):
 
-    Weak: reflect-padded random crop (4 px) + horizontal flip; strong: weak + RandAugment (2 ops, magnitude drawn
-    from 1..10 per image) + Cutout 16×16 (UDA's CIFAR recipe). ``download: true`` fetches it (needs internet).
+    * weak: reflect-padded random crop (+ horizontal flip);
+    * strong: the weak view + RandAugment (2 ops, magnitude drawn from 1..10 per image) + Cutout;
+    * evaluation: the image as it is, normalised.
+
+    Args:
+        root: where the data set lives.
+        download: fetch it into ``root`` with torchvision (needs internet; off by default).
+        **kwargs: see ``SemiSupervisedDataModule``.
     """
 
-    dataset_name, folder, num_classes = "CIFAR10", "cifar-10-batches-py", 10
-    mean, std = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
-    flip, crop_padding, cutout = True, 4, 16
+    image_side, flip, crop_padding, cutout = 32, True, 4, 16
+    mean: tuple[float, ...] = (0.5, 0.5, 0.5)
+    std: tuple[float, ...] = (0.5, 0.5, 0.5)
 
-    def __init__(self, root: str = "data/cifar10", download: bool = False, num_labels_per_class: Optional[int] = 400,
-                 mu: int = 7, unlabeled_includes_labeled: bool = True, split_seed: int = 0, seed: int = 0,
-                 batch_size: int = 64, eval_batch_size: Optional[int] = None, num_workers: int = 4,
-                 pin_memory: bool = True) -> None:
-        super().__init__(num_labels_per_class, mu, unlabeled_includes_labeled, split_seed, seed, batch_size,
-                         eval_batch_size, num_workers, pin_memory)
+    def __init__(self, *, root: str, download: bool = False, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         self.root, self.download = Path(root), download
 
-    def _torchvision_class(self):
-        from datamodules.classification import _CIFAR10
-
-        return _CIFAR10
-
-    def prepare_data(self) -> None:
-        if self.download:
-            for train in (True, False):
-                self._torchvision_class()(str(self.root), train=train, download=True)
-
-    def _load(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-        from datamodules.classification import CIFAR10DataModule
-
-        reader = CIFAR10DataModule.__new__(CIFAR10DataModule)  # reuse its checks and messages, not its transforms
-        reader.root, reader.folder, reader.dataset_name = self.root, self.folder, self.dataset_name
-        reader.dataset_class = self._torchvision_class()
-        dataset = reader._dataset(split == "train", None)
-        images = torch.from_numpy(np.ascontiguousarray(dataset.data)).permute(0, 3, 1, 2)
-        return images, torch.as_tensor(dataset.targets, dtype=torch.int64)
+    def _crop_and_flip(self) -> list[Callable]:
+        ops = [v2.RandomCrop(self.image_side, padding=self.crop_padding, padding_mode="reflect")]
+        return ops + [v2.RandomHorizontalFlip()] if self.flip else ops
 
     def weak_transform(self) -> Callable:
-        side = 32
-        ops = [v2.RandomCrop(side, padding=self.crop_padding, padding_mode="reflect")]
-        if self.flip:
-            ops.append(v2.RandomHorizontalFlip())
-        return v2.Compose([*ops, *_float_normalized(self.mean, self.std)])
+        return v2.Compose([*self._crop_and_flip(), *_float_normalized(self.mean, self.std)])
 
     def strong_transform(self) -> Callable:
-        ops = [v2.RandomCrop(32, padding=self.crop_padding, padding_mode="reflect")]
-        if self.flip:
-            ops.append(v2.RandomHorizontalFlip())
-        return v2.Compose([*ops, RandomMagnitudeRandAugment(), Cutout(self.cutout),
+        return v2.Compose([*self._crop_and_flip(), RandomMagnitudeRandAugment(), Cutout(self.cutout),
                            *_float_normalized(self.mean, self.std)])
 
     def eval_transform(self) -> Callable:
         return v2.Compose(_float_normalized(self.mean, self.std))
 
 
+class CIFAR10SemiSupDataModule(NaturalImageSemiSupDataModule):
+    """CIFAR-10 from its python pickle batches (``datamodules.cifar``); 4,000 labels (400 per class) by default, as in
+    the UDA / MPL tables. Crop padding 4, Cutout 16×16 (UDA's CIFAR recipe)."""
+
+    dataset_name, num_classes = "CIFAR10", 10
+    mean, std = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+
+    def __init__(self, *, root: str = "data/cifar10", num_labels_per_class: Optional[int] = 400,
+                 **kwargs: Any) -> None:
+        super().__init__(root=root, num_labels_per_class=num_labels_per_class, **kwargs)
+
+    def prepare_data(self) -> None:
+        if self.download:
+            download_cifar(self.root, self.dataset_name)
+
+    def _load(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return read_cifar(self.root, self.dataset_name, train=split == "train")
+
+
 class CIFAR100SemiSupDataModule(CIFAR10SemiSupDataModule):
     """CIFAR-100 (fine labels); 10,000 labels (100 per class) by default. Same arguments as CIFAR-10's."""
 
-    dataset_name, folder, num_classes = "CIFAR100", "cifar-100-python", 100
+    dataset_name, num_classes = "CIFAR100", 100
     mean, std = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
 
-    def __init__(self, root: str = "data/cifar100", num_labels_per_class: Optional[int] = 100, **kwargs) -> None:
+    def __init__(self, *, root: str = "data/cifar100", num_labels_per_class: Optional[int] = 100,
+                 **kwargs: Any) -> None:
         super().__init__(root=root, num_labels_per_class=num_labels_per_class, **kwargs)
-
-    def _torchvision_class(self):
-        from datamodules.classification import _CIFAR100
-
-        return _CIFAR100
 
 
 _SVHN_LAYOUT = """\
@@ -380,15 +354,15 @@ _SVHN_LAYOUT = """\
   <root>/extra_32x32.mat   (optional, with use_extra: true)"""
 
 
-class SVHNSemiSupDataModule(CIFAR10SemiSupDataModule):
+class SVHNSemiSupDataModule(NaturalImageSemiSupDataModule):
     """SVHN from torchvision's ``.mat`` files; 1,000 labels by default; no flips (digits). ``use_extra`` adds the
     531,131 ``extra`` images to the unlabeled set (USB's protocol), unlabeled."""
 
     dataset_name, num_classes, flip = "SVHN", 10, False
     mean, std = (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970)
 
-    def __init__(self, root: str = "data/svhn", num_labels_per_class: Optional[int] = 100, use_extra: bool = False,
-                 **kwargs) -> None:
+    def __init__(self, *, root: str = "data/svhn", num_labels_per_class: Optional[int] = 100,
+                 use_extra: bool = False, **kwargs: Any) -> None:
         super().__init__(root=root, num_labels_per_class=num_labels_per_class, **kwargs)
         self.use_extra = use_extra
 
@@ -427,16 +401,16 @@ _STL_LAYOUT = """\
   <root>/stl10_binary/fold_indices.txt           (10 predefined folds of 1,000 training images)"""
 
 
-class STL10SemiSupDataModule(CIFAR10SemiSupDataModule):
+class STL10SemiSupDataModule(NaturalImageSemiSupDataModule):
     """STL-10 from its binary release: the 5,000 labeled training images (or one predefined ``fold`` of 1,000) and
     the 100,000 unlabeled ones (which also hold classes outside the ten). 96×96, crop padding 12, Cutout 48."""
 
     dataset_name, folder, num_classes = "STL10", "stl10_binary", 10
     mean, std = (0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713)
-    crop_padding, cutout = 12, 48
+    image_side, crop_padding, cutout = 96, 12, 48
 
-    def __init__(self, root: str = "data/stl10", fold: Optional[int] = None,
-                 num_labels_per_class: Optional[int] = None, **kwargs) -> None:
+    def __init__(self, *, root: str = "data/stl10", fold: Optional[int] = None,
+                 num_labels_per_class: Optional[int] = None, **kwargs: Any) -> None:
         super().__init__(root=root, num_labels_per_class=num_labels_per_class, **kwargs)
         if fold is not None and not 0 <= fold <= 9:
             raise ValueError(f"fold must be 0-9, got {fold}")
@@ -477,12 +451,3 @@ class STL10SemiSupDataModule(CIFAR10SemiSupDataModule):
             index = torch.tensor([int(i) for i in folds.read_text().splitlines()[self.fold].split()])
             images, labels = images[index], labels[index]
         return images, labels
-
-    def weak_transform(self) -> Callable:
-        return v2.Compose([v2.RandomCrop(96, padding=self.crop_padding, padding_mode="reflect"),
-                           v2.RandomHorizontalFlip(), *_float_normalized(self.mean, self.std)])
-
-    def strong_transform(self) -> Callable:
-        return v2.Compose([v2.RandomCrop(96, padding=self.crop_padding, padding_mode="reflect"),
-                           v2.RandomHorizontalFlip(), RandomMagnitudeRandAugment(), Cutout(self.cutout),
-                           *_float_normalized(self.mean, self.std)])

@@ -78,7 +78,7 @@ def test_cross_entropy_pairs_each_row_with_its_own_target_order():
 
 
 def _model(freeze_epochs=0, num_classes=4):
-    return APINet(ConvNet(in_chans=3, widths=(8, 16), num_pools=2), num_classes=num_classes, hidden=16,
+    return APINet(backbone=ConvNet(in_chans=3, widths=(8, 16), num_pools=2), num_classes=num_classes, hidden=16,
                   dropout=0.0, lr=0.05, freeze_epochs=freeze_epochs)
 
 

@@ -8,7 +8,7 @@ from zoo.classification.classifier import ImageClassifier
 def test_cam_spatial_mean_equals_logit_minus_bias():
     # Zhou et al. 2016: for GAP + linear, mean_xy M_c = y_c - b_c, for every class of every image.
     torch.manual_seed(0)
-    model = ImageClassifier(ConvNet(in_chans=1, widths=[8, 16], num_pools=1), num_classes=5).eval()
+    model = ImageClassifier(backbone=ConvNet(in_chans=1, widths=[8, 16], num_pools=1), num_classes=5).eval()
     torch.nn.init.normal_(model.head.fc.bias)
     images = torch.rand(3, 1, 16, 16)
     logits, cams = model.class_activation_maps(images)

@@ -42,7 +42,7 @@ def test_digits_class_subset_is_relabelled_and_pixels_align():
 
 def test_image_folder_loads_real_jpegs(tmp_path):
     write_image_folder(tmp_path)
-    dm = ImageFolderDataModule(str(tmp_path), image_size=16, batch_size=4, num_workers=0, pin_memory=False)
+    dm = ImageFolderDataModule(root=str(tmp_path), image_size=16, batch_size=4, num_workers=0, pin_memory=False)
     dm.setup("fit")
     assert dm.num_classes == 2 and dm.class_names == ["cat", "dog"]
     images, labels = next(iter(dm.train_dataloader()))
@@ -51,7 +51,7 @@ def test_image_folder_loads_real_jpegs(tmp_path):
 
 
 def test_image_folder_missing_root_names_path_and_layout(tmp_path):
-    dm = ImageFolderDataModule(str(tmp_path / "nowhere"))
+    dm = ImageFolderDataModule(root=str(tmp_path / "nowhere"))
     with pytest.raises(DatasetNotFoundError) as err:
         dm.setup("fit")
     message = str(err.value)
@@ -62,7 +62,7 @@ def test_corrupt_image_fails_naming_the_file(tmp_path):
     write_image_folder(tmp_path)
     broken = tmp_path / "train" / "dog" / "broken.jpg"
     broken.write_bytes(b"\xff\xd8\xff\xe0 truncated jpeg")
-    dm = ImageFolderDataModule(str(tmp_path), image_size=16, batch_size=8, num_workers=0, pin_memory=False)
+    dm = ImageFolderDataModule(root=str(tmp_path), image_size=16, batch_size=8, num_workers=0, pin_memory=False)
     dm.setup("fit")
     index = [i for i, (p, _) in enumerate(dm.train_set.samples) if p.endswith("broken.jpg")][0]
     with pytest.raises(CorruptImageError, match="broken.jpg"):

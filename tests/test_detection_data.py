@@ -339,13 +339,14 @@ def test_digit_canvas_is_deterministic_and_regenerated_when_parameters_change(tm
     assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files)
     before = (a / "val" / "000000.png").read_bytes()
     write_digit_canvas(a, **SMALL, noise=0.1)
-    assert json.loads((a / "digit_canvas.json").read_text())["noise"] == 0.1
+    assert json.loads((a / "generated.json").read_text())["params"]["noise"] == 0.1
     assert (a / "val" / "000000.png").read_bytes() != before
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging leftovers
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "precious.txt").write_text("x")
-    with pytest.raises(ValueError, match="not a digit-canvas set"):
+    with pytest.raises(ValueError, match="not a 'detection_digit_canvas' set"):
         write_digit_canvas(tmp_path / "mine", **SMALL)
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["precious.txt"]
 
 
 def test_concurrent_writers_leave_one_complete_set(tmp_path):
@@ -364,8 +365,9 @@ def test_concurrent_writers_leave_one_complete_set(tmp_path):
         thread.join()
     assert not errors
     reference = write_digit_canvas(tmp_path / "reference", **SMALL)
-    assert _annotations(tmp_path / "shared", "train") == _annotations(reference, "train")
-    assert len(list((tmp_path / "shared" / "test").iterdir())) == 8
+    files = sorted(p.relative_to(reference) for p in reference.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(tmp_path / "shared") for p in (tmp_path / "shared").rglob("*") if p.is_file())
+    assert all((reference / f).read_bytes() == (tmp_path / "shared" / f).read_bytes() for f in files)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 

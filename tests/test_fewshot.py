@@ -272,7 +272,7 @@ def test_episode_accuracies_sort_by_episode_without_duplicates():
 
 def test_omniglot_layout_rotations_are_new_classes_within_one_split(tmp_path):
     write_omniglot(tmp_path)
-    dm = OmniglotDataModule(str(tmp_path), rotations=[0, 90, 180, 270], val_alphabets=1)
+    dm = OmniglotDataModule(root=str(tmp_path), rotations=[0, 90, 180, 270], val_alphabets=1)
     dm.setup()
     train = dm.splits["train"]
     assert dm.num_classes == 8 * 4 and train.class_names[:2] == ["Alpha/character01/rot000",
@@ -296,30 +296,30 @@ def test_omniglot_vinyals_split_files(tmp_path):
     (splits / "train.txt").write_text("Alpha/character01/rot000\nAlpha/character01/rot090\nBeta/character02/rot000\n")
     (splits / "val.txt").write_text("Gamma/character01/rot000\nGamma/character02/rot000\n")
     (splits / "test.txt").write_text("Delta/character01/rot180\nEpsilon/character03/rot000\n")
-    dm = OmniglotDataModule(str(tmp_path / "omniglot"), split_dir=str(splits))
+    dm = OmniglotDataModule(root=str(tmp_path / "omniglot"), split_dir=str(splits))
     dm.setup()
     assert dm.splits["test"].class_names == ["Delta/character01/rot180", "Epsilon/character03/rot000"]
     assert dm.splits["test"].class_rotations == [180, 0] and len(dm.train_set) == 3 * 6
     (splits / "val.txt").write_text("Gamma/character09/rot000\n")
     with pytest.raises(DatasetNotFoundError, match="Gamma/character09"):
-        OmniglotDataModule(str(tmp_path / "omniglot"), split_dir=str(splits)).setup()
+        OmniglotDataModule(root=str(tmp_path / "omniglot"), split_dir=str(splits)).setup()
 
 
 def test_missing_omniglot_folder_names_the_layout(tmp_path):
     with pytest.raises(DatasetNotFoundError, match="images_background") as err:
-        OmniglotDataModule(str(tmp_path / "nowhere")).setup()
+        OmniglotDataModule(root=str(tmp_path / "nowhere")).setup()
     assert "character<NN>" in str(err.value)
 
 
 def test_closerlook_json_episodes_and_batches(tmp_path):
     write_closerlook(tmp_path)
-    dm = CloserLookDataModule(str(tmp_path), image_size=32, train_episodes=EpisodeSetting(3, 2, 2, 4),
+    dm = CloserLookDataModule(root=str(tmp_path), image_size=32, train_episodes=EpisodeSetting(3, 2, 2, 4),
                               val_episodes=EpisodeSetting(3, 1, 2, 3), num_workers=0, pin_memory=False)
     dm.setup()
     assert dm.num_classes == 6 and dm.class_names("test")[0] == "n00000011"
     episode = next(iter(dm.train_dataloader()))
     assert episode.support.shape == (3, 2, 3, 32, 32) and episode.query.shape == (3, 2, 3, 32, 32)
-    batch_dm = CloserLookDataModule(str(tmp_path), image_size=32, train_mode="batch", batch_size=6, num_workers=0)
+    batch_dm = CloserLookDataModule(root=str(tmp_path), image_size=32, train_mode="batch", batch_size=6, num_workers=0)
     batch_dm.setup()
     images, labels = next(iter(batch_dm.train_dataloader()))
     assert images.shape == (6, 3, 32, 32) and sorted(labels.tolist()) == list(range(6))
@@ -336,7 +336,7 @@ def test_closerlook_missing_split_file_or_image_is_named(tmp_path, broken):
         victim.unlink()
         name = victim.name
     with pytest.raises(DatasetNotFoundError, match=name):
-        CloserLookDataModule(str(tmp_path), num_workers=0).setup()
+        CloserLookDataModule(root=str(tmp_path), num_workers=0).setup()
 
 
 # ---------------------------------------------------------------- in Lightning's loops
@@ -344,7 +344,7 @@ def test_closerlook_missing_split_file_or_image_is_named(tmp_path, broken):
 def _omniglot_dm(root, **kwargs):
     settings = dict(train_episodes=EpisodeSetting(3, 2, 2, 6), val_episodes=EpisodeSetting(3, 1, 2, 4),
                     test_episodes=[EpisodeSetting(3, 1, 3, 5), EpisodeSetting(3, 2, 2, 3)])
-    return OmniglotDataModule(str(root), val_alphabets=1, rotations=[0, 90], **{**settings, **kwargs})
+    return OmniglotDataModule(root=str(root), val_alphabets=1, rotations=[0, 90], **{**settings, **kwargs})
 
 
 def _trainer(tmp_path, **kwargs):

@@ -164,7 +164,7 @@ def _mean_rgb(tensor: torch.Tensor) -> np.ndarray:
 @pytest.mark.parametrize("level", ["parent", "folder"])
 def test_cub_reads_release_format_with_0_based_labels(tmp_path, level):
     folder = write_cub(tmp_path, train_per_class=(4, 3, 5), test_per_class=(2, 1, 3))
-    dm = fg.CUBDataModule(str(tmp_path if level == "parent" else folder), **SMALL)
+    dm = fg.CUBDataModule(root=str(tmp_path if level == "parent" else folder), **SMALL)
     dm.setup("fit")
     assert dm.num_classes == 3 and dm.class_names == CUB_CLASSES
     assert len(dm.train_set) == 12 and len(dm.test_set) == 6
@@ -182,7 +182,7 @@ def test_cub_reads_release_format_with_0_based_labels(tmp_path, level):
 
 def test_eval_transform_is_square_resize_then_center_crop(tmp_path):
     write_cub(tmp_path)
-    dm = fg.CUBDataModule(str(tmp_path), image_size=16, resize=24, num_workers=0)
+    dm = fg.CUBDataModule(root=str(tmp_path), image_size=16, resize=24, num_workers=0)
     dm.setup("test")
     image, _ = dm.test_set[0]
     expected = v2.functional.center_crop(v2.functional.resize(dm.test_set.load(0), [24, 24], antialias=True), [16, 16])
@@ -195,14 +195,14 @@ def test_eval_transform_is_square_resize_then_center_crop(tmp_path):
     steps = [type(t).__name__ for t in dm.train_transform().transforms]
     assert steps[:3] == ["Resize", "RandomCrop", "RandomHorizontalFlip"]
     assert "RandomHorizontalFlip" not in [type(t).__name__ for t in
-                                         fg.CUBDataModule(str(tmp_path), hflip=False).train_transform().transforms]
+                                         fg.CUBDataModule(root=str(tmp_path), hflip=False).train_transform().transforms]
 
 
 def test_cub_crop_to_box_crops_before_resize(tmp_path):
     write_cub(tmp_path)
-    plain = fg.CUBDataModule(str(tmp_path), **SMALL)
+    plain = fg.CUBDataModule(root=str(tmp_path), **SMALL)
     plain.setup("test")
-    boxed = fg.CUBDataModule(str(tmp_path), crop_to_box=True, **SMALL)
+    boxed = fg.CUBDataModule(root=str(tmp_path), crop_to_box=True, **SMALL)
     boxed.setup("test")
     assert plain.test_set.load(0).size == (48, 36)
     assert boxed.test_set.load(0).size == (20, 15)  # w, h of bounding_boxes.txt
@@ -214,9 +214,9 @@ def test_cub_crop_to_box_crops_before_resize(tmp_path):
 def test_cub_bounding_boxes_needed_only_for_crop_to_box(tmp_path):
     folder = write_cub(tmp_path)
     (folder / "bounding_boxes.txt").unlink()
-    fg.CUBDataModule(str(tmp_path), **SMALL).setup("fit")
+    fg.CUBDataModule(root=str(tmp_path), **SMALL).setup("fit")
     with pytest.raises(DatasetNotFoundError, match="bounding_boxes.txt"):
-        fg.CUBDataModule(str(tmp_path), crop_to_box=True, **SMALL).setup("fit")
+        fg.CUBDataModule(root=str(tmp_path), crop_to_box=True, **SMALL).setup("fit")
 
 
 @pytest.mark.parametrize("name", ["images.txt", "image_class_labels.txt", "train_test_split.txt", "classes.txt"])
@@ -224,7 +224,7 @@ def test_cub_missing_metadata_file_is_named(tmp_path, name):
     folder = write_cub(tmp_path)
     (folder / name).unlink()
     with pytest.raises(DatasetNotFoundError) as err:
-        fg.CUBDataModule(str(tmp_path), **SMALL).setup("fit")
+        fg.CUBDataModule(root=str(tmp_path), **SMALL).setup("fit")
     assert name in str(err.value) and "images.txt" in str(err.value)  # the file, then the layout
 
 
@@ -234,7 +234,7 @@ def test_cub_label_outside_classes_txt_is_an_error(tmp_path):
     rows[3] = rows[3].split()[0] + " 7"
     (folder / "image_class_labels.txt").write_text("\n".join(rows) + "\n")
     with pytest.raises(ValueError, match="class id 7.*classes.txt"):
-        fg.CUBDataModule(str(tmp_path), **SMALL).setup("fit")
+        fg.CUBDataModule(root=str(tmp_path), **SMALL).setup("fit")
 
 
 def test_cub_image_without_split_entry_is_an_error(tmp_path):
@@ -242,7 +242,7 @@ def test_cub_image_without_split_entry_is_an_error(tmp_path):
     rows = (folder / "train_test_split.txt").read_text().splitlines()
     (folder / "train_test_split.txt").write_text("\n".join(rows[1:]) + "\n")
     with pytest.raises(ValueError, match="train_test_split.txt.*image id 1"):
-        fg.CUBDataModule(str(tmp_path), **SMALL).setup("fit")
+        fg.CUBDataModule(root=str(tmp_path), **SMALL).setup("fit")
 
 
 def test_listed_image_missing_on_disk_is_named(tmp_path):
@@ -250,7 +250,7 @@ def test_listed_image_missing_on_disk_is_named(tmp_path):
     victim = next((folder / "images" / CUB_CLASSES[1]).glob("*.jpg"))
     victim.unlink()
     with pytest.raises(DatasetNotFoundError, match=victim.name):
-        fg.CUBDataModule(str(tmp_path), **SMALL).setup("fit")
+        fg.CUBDataModule(root=str(tmp_path), **SMALL).setup("fit")
 
 
 @pytest.mark.parametrize("module, expected", [
@@ -271,7 +271,7 @@ def test_corrupt_jpeg_raises_naming_the_file(tmp_path):
     folder = write_cub(tmp_path)
     rel = (folder / "images.txt").read_text().split()[1]
     (folder / "images" / rel).write_bytes(b"\xff\xd8\xff\xe0 truncated jpeg")
-    dm = fg.CUBDataModule(str(tmp_path), **SMALL)
+    dm = fg.CUBDataModule(root=str(tmp_path), **SMALL)
     dm.setup("fit")
     index = [f.name for f in dm.train_set.files].index(Path(rel).name)
     with pytest.raises(CorruptImageError, match=Path(rel).name):
@@ -283,7 +283,7 @@ def test_corrupt_jpeg_raises_naming_the_file(tmp_path):
 
 def test_balanced_loader_gives_p_classes_by_k_images(tmp_path):
     write_cub(tmp_path, train_per_class=(6, 7, 6), test_per_class=(1, 1, 1))
-    dm = fg.CUBDataModule(str(tmp_path), classes_per_batch=2, images_per_class=3, **SMALL)
+    dm = fg.CUBDataModule(root=str(tmp_path), classes_per_batch=2, images_per_class=3, **SMALL)
     dm.setup("fit")
     loader = dm.train_dataloader()
     assert isinstance(loader.batch_sampler, fg.BalancedClassSampler)
@@ -293,14 +293,14 @@ def test_balanced_loader_gives_p_classes_by_k_images(tmp_path):
         assert images.shape == (6, 3, 16, 16)
         classes, counts = labels.unique(return_counts=True)
         assert len(classes) == 2 and counts.tolist() == [3, 3]
-    shuffled = fg.CUBDataModule(str(tmp_path), **SMALL)
+    shuffled = fg.CUBDataModule(root=str(tmp_path), **SMALL)
     shuffled.setup("fit")
     assert next(iter(shuffled.train_dataloader()))[0].shape[0] == 4  # batch_size without classes_per_batch
 
 
 def test_balanced_sampler_under_ddp_needs_use_distributed_sampler_false(tmp_path):
     write_cub(tmp_path)
-    dm = fg.CUBDataModule(str(tmp_path), classes_per_batch=2, **SMALL)
+    dm = fg.CUBDataModule(root=str(tmp_path), classes_per_batch=2, **SMALL)
     dm.trainer = SimpleNamespace(world_size=2, _accelerator_connector=SimpleNamespace(use_distributed_sampler=True))
     with pytest.raises(RuntimeError, match="use_distributed_sampler: false"):
         dm.setup("fit")
@@ -310,7 +310,7 @@ def test_val_fraction_holds_out_per_class_disjoint_and_seeded(tmp_path):
     write_cub(tmp_path, train_per_class=(8, 8, 12), test_per_class=(1, 1, 1))
 
     def split(seed):
-        dm = fg.CUBDataModule(str(tmp_path), val_fraction=0.25, seed=seed, **SMALL)
+        dm = fg.CUBDataModule(root=str(tmp_path), val_fraction=0.25, seed=seed, **SMALL)
         dm.setup("fit")
         return dm
 
@@ -331,7 +331,7 @@ def test_val_fraction_holds_out_per_class_disjoint_and_seeded(tmp_path):
 
 def test_nabirds_sparse_class_ids_are_relabelled(tmp_path):
     write_nabirds(tmp_path, per_class=3)
-    dm = fg.NABirdsDataModule(str(tmp_path), **SMALL)
+    dm = fg.NABirdsDataModule(root=str(tmp_path), **SMALL)
     dm.setup("fit")
     # only leaves with images, in class-id order; inner nodes (0, 1) and the empty leaf (999) are dropped
     assert dm.class_ids == [295, 400, 817] and dm.num_classes == 3
@@ -339,7 +339,7 @@ def test_nabirds_sparse_class_ids_are_relabelled(tmp_path):
     assert len(dm.train_set) == 6 and len(dm.test_set) == 3
     for dataset in (dm.train_set, dm.test_set):
         assert all(dm.class_ids[int(label)] == int(f.parent.name) for f, label in zip(dataset.files, dataset.labels))
-    boxed = fg.NABirdsDataModule(str(tmp_path / "nabirds"), crop_to_box=True, **SMALL)
+    boxed = fg.NABirdsDataModule(root=str(tmp_path / "nabirds"), crop_to_box=True, **SMALL)
     boxed.setup("fit")
     assert boxed.train_set.load(0).size == (20, 15)
 
@@ -351,7 +351,7 @@ def test_nabirds_sparse_class_ids_are_relabelled(tmp_path):
 def test_aircraft_variants_with_spaces_and_banner(tmp_path, level):
     data = write_aircraft(tmp_path)
     root = {"root": tmp_path, "dataset": data.parent, "data": data}[level]
-    dm = fg.FGVCAircraftDataModule(str(root), **SMALL)
+    dm = fg.FGVCAircraftDataModule(root=str(root), **SMALL)
     dm.setup("fit")
     assert dm.class_names == AIRCRAFT_VARIANTS and dm.num_classes == 3
     assert len(dm.train_set) == 9 and len(dm.test_set) == 6 and dm.val_set is dm.test_set  # trainval: 3 × (2 + 1)
@@ -360,37 +360,37 @@ def test_aircraft_variants_with_spaces_and_banner(tmp_path, level):
     image = dm.train_set.load(0)
     assert image.size == (48, 36)  # the 20-pixel banner is gone
     assert np.asarray(image).min(axis=2).max() < 200  # no white row left
-    full = fg.FGVCAircraftDataModule(str(root), crop_bottom=0, **SMALL)
+    full = fg.FGVCAircraftDataModule(root=str(root), crop_bottom=0, **SMALL)
     full.setup("fit")
     assert full.train_set.load(0).size == (48, 36 + BANNER)
 
 
 def test_aircraft_train_split_uses_official_val_and_family_level(tmp_path):
     write_aircraft(tmp_path)
-    dm = fg.FGVCAircraftDataModule(str(tmp_path), train_split="train", **SMALL)
+    dm = fg.FGVCAircraftDataModule(root=str(tmp_path), train_split="train", **SMALL)
     dm.setup("fit")
     assert len(dm.train_set) == 6 and len(dm.val_set) == 3 and len(dm.test_set) == 6
     assert not set(dm.train_set.files) & set(dm.val_set.files)
-    family = fg.FGVCAircraftDataModule(str(tmp_path), annotation_level="family", **SMALL)
+    family = fg.FGVCAircraftDataModule(root=str(tmp_path), annotation_level="family", **SMALL)
     family.setup("fit")
     assert family.class_names == ["Dassault Falcon", "Cessna 172", "F-16"]
-    variant = fg.FGVCAircraftDataModule(str(tmp_path), **SMALL)
+    variant = fg.FGVCAircraftDataModule(root=str(tmp_path), **SMALL)
     variant.setup("fit")
     assert family.train_set.labels.tolist() == variant.train_set.labels.tolist()  # one family per variant here
     with pytest.raises(DatasetNotFoundError, match="manufacturers.txt"):
-        fg.FGVCAircraftDataModule(str(tmp_path), annotation_level="manufacturer", **SMALL).setup("fit")
+        fg.FGVCAircraftDataModule(root=str(tmp_path), annotation_level="manufacturer", **SMALL).setup("fit")
 
 
 def test_aircraft_box_is_1_based_and_unknown_variant_is_an_error(tmp_path):
     data = write_aircraft(tmp_path)
-    dm = fg.FGVCAircraftDataModule(str(tmp_path), crop_to_box=True, **SMALL)
+    dm = fg.FGVCAircraftDataModule(root=str(tmp_path), crop_to_box=True, **SMALL)
     dm.setup("fit")
     x, y, w, h = BOX
     raw = np.asarray(Image.open(dm.train_set.files[0]).convert("RGB"))
     np.testing.assert_array_equal(np.asarray(dm.train_set.load(0)), raw[y : y + h, x : x + w])  # exactly the box
     (data / "variants.txt").write_text("Falcon 2000\nCessna 172\n")
     with pytest.raises(ValueError, match="'F-16A/B'.*variants.txt"):
-        fg.FGVCAircraftDataModule(str(tmp_path), **SMALL).setup("fit")
+        fg.FGVCAircraftDataModule(root=str(tmp_path), **SMALL).setup("fit")
 
 
 # ---- Stanford Cars ----
@@ -399,7 +399,7 @@ def test_aircraft_box_is_1_based_and_unknown_variant_is_an_error(tmp_path):
 @pytest.mark.parametrize("nested", [True, False])
 def test_stanford_cars_reads_mat_annotations(tmp_path, nested):
     base = write_cars(tmp_path)
-    dm = fg.StanfordCarsDataModule(str(tmp_path if nested else base), **SMALL)
+    dm = fg.StanfordCarsDataModule(root=str(tmp_path if nested else base), **SMALL)
     dm.setup("fit")
     assert dm.class_names == CARS_CLASSES and dm.num_classes == 3
     assert np.bincount(dm.train_set.labels.numpy()).tolist() == [3, 2, 4]
@@ -407,7 +407,7 @@ def test_stanford_cars_reads_mat_annotations(tmp_path, nested):
     assert all(f.parent.name == "cars_test" for f in dm.test_set.files)
     # written in reverse class order: the first file of each split has class 3 (label 2)
     assert int(dm.train_set.labels[0]) == 2 and dm.train_set.files[0].name == "00001.jpg"
-    boxed = fg.StanfordCarsDataModule(str(base), crop_to_box=True, **SMALL)
+    boxed = fg.StanfordCarsDataModule(root=str(base), crop_to_box=True, **SMALL)
     boxed.setup("fit")
     x, y, w, h = BOX
     raw = np.asarray(Image.open(boxed.test_set.files[0]).convert("RGB"))
@@ -418,7 +418,7 @@ def test_stanford_cars_single_annotation_and_unlabelled_test_file(tmp_path):
     from scipy.io import savemat
 
     base = write_cars(tmp_path, train=(1, 0, 0), test=(0, 1, 0))  # squeeze_me turns 1-element arrays into scalars
-    dm = fg.StanfordCarsDataModule(str(base), **SMALL)
+    dm = fg.StanfordCarsDataModule(root=str(base), **SMALL)
     with pytest.warns(UserWarning, match="2 classes have no training image"):
         dm.setup("fit")
     assert dm.train_set.labels.tolist() == [0] and dm.test_set.labels.tolist() == [1]
@@ -426,7 +426,7 @@ def test_stanford_cars_single_annotation_and_unlabelled_test_file(tmp_path):
                                                              ("bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2", "fname")])
     savemat(str(base / "cars_test_annos_withlabels.mat"), {"annotations": unlabelled.reshape(1, -1)})
     with pytest.raises(ValueError, match=r"\['class'\].*withlabels"):
-        fg.StanfordCarsDataModule(str(base), **SMALL).setup("fit")
+        fg.StanfordCarsDataModule(root=str(base), **SMALL).setup("fit")
     (base / "devkit" / "cars_meta.mat").unlink()
     with pytest.raises(DatasetNotFoundError, match="cars_meta.mat"):
-        fg.StanfordCarsDataModule(str(base), **SMALL).setup("fit")
+        fg.StanfordCarsDataModule(root=str(base), **SMALL).setup("fit")

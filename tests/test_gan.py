@@ -317,7 +317,7 @@ def _fit(model, root, max_epochs, ckpt_path=None, checkpoint_dir=None):
     from datamodules.gan import UnpairedDataModule
     from zoo.callbacks import LastCheckpoint
 
-    data = UnpairedDataModule(str(root), image_size=16, load_size=None, flip=False, batch_size=2, steps_per_epoch=2,
+    data = UnpairedDataModule(root=str(root), image_size=16, load_size=None, flip=False, batch_size=2, steps_per_epoch=2,
                               num_workers=0, pin_memory=False)
     callbacks = [LastCheckpoint(dirpath=checkpoint_dir)] if checkpoint_dir else []
     trainer = L.Trainer(max_epochs=max_epochs, logger=False, enable_progress_bar=False, enable_model_summary=False,

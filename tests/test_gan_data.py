@@ -11,6 +11,7 @@ from PIL import Image
 
 from datamodules.base import CorruptImageError, DatasetNotFoundError
 from datamodules.gan import DigitDomainsDataModule, UnpairedDataModule, UnpairedImageDataset, list_images
+from datamodules.generated import gan_digit_domains
 from datamodules.generated.gan_digit_domains import render_digit, write_digit_domains
 
 
@@ -35,7 +36,7 @@ def _unpaired(root: Path, counts=(5, 3, 2, 3), size=(20, 20)) -> Path:
 
 def _dm(root: Path, **kwargs) -> UnpairedDataModule:
     args = dict(image_size=16, load_size=18, num_workers=0, pin_memory=False)
-    return UnpairedDataModule(str(root), **{**args, **kwargs})
+    return UnpairedDataModule(root=str(root), **{**args, **kwargs})
 
 
 def _batches(loader) -> list:
@@ -118,7 +119,7 @@ def test_sizes_without_load_size_must_match_and_the_error_names_the_folder(tmp_p
     assert str(root / "testB") in message and "odd.png" in message and "20×24" in message and "20×20" in message
     _dm(root).setup("fit")  # with load_size the sizes do not matter
     with pytest.raises(ValueError, match="exceed load_size"):
-        UnpairedDataModule(str(root), image_size=32, load_size=30)
+        UnpairedDataModule(root=str(root), image_size=32, load_size=30)
 
 
 def test_corrupt_image_names_the_file(tmp_path):
@@ -269,7 +270,8 @@ def test_digit_domains_layout_counts_and_labels(digit_domains):
         assert row["split"] == ("train" if index < 1500 else "test") + ("A" if index % 2 == 0 else "B")
     with Image.open(digit_domains / "testB" / "01795.png") as im:
         assert im.size == (32, 32) and im.mode == "RGB" and im.format == "PNG"
-    assert json.loads((digit_domains / "digitdomains.json").read_text())["seed"] == 0
+    assert json.loads((digit_domains / "generated.json").read_text()) == {
+        "generator": "gan_digit_domains", "version": 1, "params": {"image_size": 32, "seed": 0}}
 
 
 def test_digit_domains_differ_as_designed(digit_domains):
@@ -302,16 +304,16 @@ def test_digit_domains_are_deterministic_and_written_once(digit_domains):
     png = digit_domains / "trainA" / "00012.png"
     assert np.array_equal(np.asarray(Image.open(png)),
                           render_digit(load_digits().images[12], "A", 32, np.random.default_rng((0, 12))))
-    stamps = {p: p.stat().st_mtime_ns for p in (png, digit_domains / "labels.csv", digit_domains / "digitdomains.json")}
+    stamps = {p: p.stat().st_mtime_ns for p in (png, digit_domains / "labels.csv", digit_domains / "generated.json")}
     assert write_digit_domains(digit_domains) == digit_domains
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
 
 
 def test_a_parameter_change_rewrites_and_the_datamodule_writes_on_first_use(tmp_path):
     root = tmp_path / "small"
-    dm = DigitDomainsDataModule(str(root), image_size=16, load_size=18, batch_size=4)
+    dm = DigitDomainsDataModule(root=str(root), image_size=16, load_size=18, batch_size=4)
     dm.setup("fit")  # no Trainer: setup writes the set itself
-    assert json.loads((root / "digitdomains.json").read_text())["image_size"] == 16
+    assert json.loads((root / "generated.json").read_text())["params"]["image_size"] == 16
     from sklearn.datasets import load_digits
 
     assert len(dm.train_a) == 750 and dm.flip is False
@@ -320,7 +322,27 @@ def test_a_parameter_change_rewrites_and_the_datamodule_writes_on_first_use(tmp_
     assert batch["A"][0].shape == (4, 3, 16, 16) and batch["B"][1].min() >= 0  # digit labels, not -1
     before = (root / "trainA" / "00000.png").read_bytes()
     write_digit_domains(root, image_size=16, seed=1)
-    assert json.loads((root / "digitdomains.json").read_text())["seed"] == 1
+    assert json.loads((root / "generated.json").read_text())["params"]["seed"] == 1
     assert (root / "trainA" / "00000.png").read_bytes() != before
-    assert not (tmp_path / ".small.partial").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["small"]  # no staging folder or old set left
     assert len(list((root / "trainA").iterdir())) == 750
+
+
+def test_overwrite_rewrites_the_digit_domains_and_a_foreign_root_is_refused(tmp_path, monkeypatch):
+    # Flat images instead of the renderer keep this fast: what is tested is when the set is (re)written.
+    shade = {"value": 0}
+    monkeypatch.setattr(gan_digit_domains, "render_digit",
+                        lambda digit, domain, size, rng: np.full((size, size, 3), shade["value"], np.uint8))
+    root = write_digit_domains(tmp_path / "digits", image_size=16)
+    png = root / "trainB" / "00001.png"
+    shade["value"] = 255
+    write_digit_domains(root, image_size=16)  # the marker matches: nothing is rewritten
+    assert np.asarray(Image.open(png)).max() == 0
+    write_digit_domains(root, image_size=16, overwrite=True)
+    assert np.asarray(Image.open(png)).min() == 255 and len(list_images(root / "trainB")) == 750
+    assert [p.name for p in tmp_path.iterdir()] == ["digits"]  # no staging folder or old set left
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "trainA").mkdir()
+    with pytest.raises(ValueError, match="not a 'gan_digit_domains' set"):
+        write_digit_domains(tmp_path / "mine", image_size=16, overwrite=True)
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["trainA"]

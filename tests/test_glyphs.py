@@ -53,9 +53,9 @@ def test_layout_names_and_png_format(tmp_path):
     assert all(len(n) == 1 for n in numbers.values())
     assert [int(next(iter(numbers[k]))) for k in sorted(numbers)] == list(range(1, 10))
     # nothing but the two image folders and the marker (no staging or temporary files left behind)
-    assert sorted(p.name for p in root.iterdir()) == ["glyphs.json", "images_background", "images_evaluation"]
-    assert json.loads((root / "glyphs.json").read_text()) == {**TINY, "image_size": 64, "seed": 3,
-                                                            "version": GLYPHS_VERSION}
+    assert sorted(p.name for p in root.iterdir()) == ["generated.json", "images_background", "images_evaluation"]
+    assert json.loads((root / "generated.json").read_text()) == {
+        "generator": "fewshot_glyphs", "version": GLYPHS_VERSION, "params": {**TINY, "image_size": 64, "seed": 3}}
 
     for rel in files:
         with Image.open(root / rel) as image:
@@ -102,7 +102,7 @@ def test_an_image_does_not_depend_on_how_many_others_are_generated(tmp_path):
 
 def test_second_call_is_cached_and_changed_parameters_regenerate(tmp_path):
     root = write_glyph_omniglot(tmp_path, **TINY)
-    marker = root / "glyphs.json"
+    marker = root / "generated.json"
     stamps = {p: p.stat().st_mtime_ns for p in [marker, *(root / f for f in _pngs(root))]}
     write_glyph_omniglot(str(tmp_path), **TINY)  # str root, same parameters: nothing rewritten
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
@@ -111,28 +111,29 @@ def test_second_call_is_cached_and_changed_parameters_regenerate(tmp_path):
     files = _pngs(root)
     assert len(files) == 3 * 2 * 5  # the old character03 folders and 4-drawer numbering are gone
     assert not any("character03" in f.as_posix() for f in files)
-    assert json.loads(marker.read_text())["drawers"] == 5
+    assert json.loads(marker.read_text())["params"]["drawers"] == 5
 
     write_glyph_omniglot(root, **{**TINY, "characters_per_alphabet": 2, "drawers": 5, "image_size": 40})
     with Image.open(root / files[0]) as image:
         assert image.size == (40, 40)
 
 
-def test_missing_marker_or_folder_regenerates(tmp_path):
-    root = write_glyph_omniglot(tmp_path, **TINY)
-    (root / "glyphs.json").unlink()
-    stray = root / "images_background" / "stray.txt"
-    stray.write_text("left over")
+def test_a_root_without_the_marker_is_refused_and_a_deleted_one_regenerated(tmp_path):
+    root = write_glyph_omniglot(tmp_path / "glyphs", **TINY)
+    (root / "generated.json").unlink()  # now it is someone's folder of images: never deleted
+    before = _pngs(root)
+    with pytest.raises(ValueError, match="not a 'fewshot_glyphs' set"):
+        write_glyph_omniglot(root, **TINY)
+    assert _pngs(root) == before
+
+    shutil.rmtree(root)
     write_glyph_omniglot(root, **TINY)
-    assert not stray.exists() and (root / "glyphs.json").exists() and len(_pngs(root)) == 36
-
-    shutil.rmtree(root / "images_evaluation")
-    write_glyph_omniglot(root, **TINY)
-    assert len(_pngs(root)) == 36
+    assert len(_pngs(root)) == 36 and (root / "generated.json").exists()
 
 
-def test_interrupted_run_leaves_no_marker_and_no_partial_folders(tmp_path, monkeypatch):
-    root = write_glyph_omniglot(tmp_path, **TINY)
+def test_interrupted_run_keeps_the_old_set_and_leaves_no_partial_folders(tmp_path, monkeypatch):
+    root = write_glyph_omniglot(tmp_path / "glyphs", **TINY)
+    before = {f: (root / f).read_bytes() for f in [*_pngs(root), "generated.json"]}
     calls = {"n": 0}
     draw = glyphs.draw_instance
 
@@ -145,13 +146,14 @@ def test_interrupted_run_leaves_no_marker_and_no_partial_folders(tmp_path, monke
     monkeypatch.setattr(glyphs, "draw_instance", failing_draw)
     with pytest.raises(KeyboardInterrupt):
         write_glyph_omniglot(root, **{**TINY, "seed": 1})
-    assert not (root / "glyphs.json").exists()
-    assert not (root / "images_background").exists() and not (root / "images_evaluation").exists()
+    assert {f: (root / f).read_bytes() for f in [*_pngs(root), "generated.json"]} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["glyphs"]  # the staging folder is gone
 
     monkeypatch.setattr(glyphs, "draw_instance", draw)
     write_glyph_omniglot(root, **{**TINY, "seed": 1})
-    assert json.loads((root / "glyphs.json").read_text())["seed"] == 1 and len(_pngs(root)) == 36
-    assert sorted(p.name for p in root.iterdir()) == ["glyphs.json", "images_background", "images_evaluation"]
+    assert json.loads((root / "generated.json").read_text())["params"]["seed"] == 1 and len(_pngs(root)) == 36
+    assert sorted(p.name for p in root.iterdir()) == ["generated.json", "images_background", "images_evaluation"]
+    assert [p.name for p in tmp_path.iterdir()] == ["glyphs"]
 
 
 def test_drawings_of_a_character_differ_but_cluster_around_it(tmp_path):

@@ -119,7 +119,7 @@ def test_rect_crop_squashes_square_images_and_crops_tall_ones():
 def test_cross_domain_loaders_serve_source_labels_target_indices_and_eval_sets(tmp_path):
     source = write_market(tmp_path / "duke", train_ids=(1, 2, 3, 4), camstyle=False)
     target = write_market(tmp_path / "market")
-    dm = CrossDomainReIDDataModule(str(source), str(target), image_size=(32, 16), batch_size=4, num_workers=0,
+    dm = CrossDomainReIDDataModule(source_root=str(source), target_root=str(target), image_size=(32, 16), batch_size=4, num_workers=0,
                                    pin_memory=False)
     dm.setup("fit")
     assert dm.num_classes == 4 and dm.num_target_images == 3 * 3 * 2
@@ -140,10 +140,10 @@ def test_cross_domain_loaders_serve_source_labels_target_indices_and_eval_sets(t
 def test_missing_camstyle_folder_says_how_to_train_without(tmp_path):
     source = write_market(tmp_path / "duke", camstyle=False)
     target = write_market(tmp_path / "market", camstyle=False)
-    dm = CrossDomainReIDDataModule(str(source), str(target), image_size=(32, 16), batch_size=2, num_workers=0)
+    dm = CrossDomainReIDDataModule(source_root=str(source), target_root=str(target), image_size=(32, 16), batch_size=2, num_workers=0)
     with pytest.raises(DatasetNotFoundError, match="camstyle: false"):
         dm.setup("fit")
-    CrossDomainReIDDataModule(str(source), str(target), batch_size=2, camstyle=False, num_workers=0).setup("fit")
+    CrossDomainReIDDataModule(source_root=str(source), target_root=str(target), batch_size=2, camstyle=False, num_workers=0).setup("fit")
 
 
 @pytest.mark.parametrize("config", ["ecn_duke2market", "source_only_market2duke"])

@@ -204,7 +204,7 @@ def test_single_network_methods_train_and_log_their_diagnostics(cls):
 
 def test_uda_rejects_an_unknown_tsa_schedule():
     with pytest.raises(ValueError, match="tsa schedule"):
-        UDA(_small_backbone(), 3, tsa="cosine")
+        UDA(backbone=_small_backbone(), num_classes=3, tsa="cosine")
 
 
 class _Constant(nn.Module):
@@ -227,7 +227,7 @@ class _Pixel(nn.Module):
 
 def _teacher_probability_after_one_step(pseudo_label: int, student_lr: float, sign: str = "theory") -> float:
     """Labeled x = +1 with y = 1; unlabeled x = +1. The teacher's initial logits make ``pseudo_label`` its argmax."""
-    model = MetaPseudoLabels(_Constant(), num_classes=2, student_backbone=_Pixel(), teacher_lr=1.0,
+    model = MetaPseudoLabels(backbone=_Constant(), num_classes=2, student_backbone=_Pixel(), teacher_lr=1.0,
                              student_lr=student_lr, momentum=0.0, nesterov=False, weight_decay=0.0,
                              label_smoothing=0.0, uda_weight=0.0, mpl_sign=sign)
     with torch.no_grad():
@@ -275,7 +275,7 @@ def test_mpl_h_is_zero_when_the_student_does_not_move_even_with_batch_norm():
     # joint forward pass (labeled + unlabeled statistics), as the PyTorch port does, would give h ≠ 0 here.
     L.seed_everything(0)
     labeled, unlabeled = _random_data()
-    model = MetaPseudoLabels(_small_backbone(), 3, student_lr=0.0, weight_decay=0.0)
+    model = MetaPseudoLabels(backbone=_small_backbone(), num_classes=3, student_lr=0.0, weight_decay=0.0)
     record = _RecordH()
     _trainer(max_steps=6, callbacks=[record]).fit(model, datamodule=_SemiSupData(labeled, unlabeled))
     assert len(record.h) == 3 and max(abs(h) for h in record.h) < 1e-6
@@ -284,7 +284,7 @@ def test_mpl_h_is_zero_when_the_student_does_not_move_even_with_batch_norm():
 def test_mpl_counts_two_optimizer_steps_per_batch_and_ramps_with_its_own_counter():
     L.seed_everything(0)
     labeled, unlabeled = _random_data()
-    model = MetaPseudoLabels(_small_backbone(), 3, uda_steps=10)
+    model = MetaPseudoLabels(backbone=_small_backbone(), num_classes=3, uda_steps=10)
     logged = []
 
     class Capture(L.Callback):
@@ -302,7 +302,7 @@ def test_mpl_counts_two_optimizer_steps_per_batch_and_ramps_with_its_own_counter
 def test_mpl_student_waits_with_zero_learning_rate():
     L.seed_everything(0)
     labeled, unlabeled = _random_data()
-    model = MetaPseudoLabels(_small_backbone(), 3, student_wait_steps=3)
+    model = MetaPseudoLabels(backbone=_small_backbone(), num_classes=3, student_wait_steps=3)
     student = [p.detach().clone() for p in model.student.parameters()]
     teacher = [p.detach().clone() for p in model.teacher.parameters()]
     _trainer(max_steps=6).fit(model, datamodule=_SemiSupData(labeled, unlabeled))
@@ -314,14 +314,14 @@ def test_mpl_resume_restores_teacher_student_optimizers_ema_and_counter(tmp_path
     L.seed_everything(0)
     labeled, unlabeled = _random_data()
     data = _SemiSupData(labeled, unlabeled)
-    model = MetaPseudoLabels(_small_backbone(), 3, baseline_decay=0.99)
+    model = MetaPseudoLabels(backbone=_small_backbone(), num_classes=3, baseline_decay=0.99)
     trainer = _trainer(max_steps=8)
     trainer.fit(model, datamodule=data)
     ckpt = tmp_path / "mpl.ckpt"
     trainer.save_checkpoint(ckpt)
 
     L.seed_everything(1)
-    fresh = MetaPseudoLabels(_small_backbone(), 3, baseline_decay=0.99)
+    fresh = MetaPseudoLabels(backbone=_small_backbone(), num_classes=3, baseline_decay=0.99)
     resumed = _trainer(max_steps=8)
     resumed.fit(fresh, datamodule=data, ckpt_path=ckpt)  # max_steps already reached: restores, trains nothing
     for name, tensor in model.state_dict().items():
@@ -333,7 +333,7 @@ def test_mpl_resume_restores_teacher_student_optimizers_ema_and_counter(tmp_path
 
 
 def test_mpl_evaluates_the_student_ema():
-    model = MetaPseudoLabels(_small_backbone(), 3)
+    model = MetaPseudoLabels(backbone=_small_backbone(), num_classes=3)
     x = torch.rand(2, 1, 8, 8)
     model.eval()
     assert torch.equal(model(x), model.student_ema(x))
@@ -416,7 +416,7 @@ def test_mpl_and_uda_train_under_mixed_precision_with_clipping():
     precision = "bf16-mixed"
     L.seed_everything(0)
     labeled, unlabeled = _random_data()
-    for model in (MetaPseudoLabels(_small_backbone(), 3, gradient_clip_val=1.0), UDA(_small_backbone(), 3)):
+    for model in (MetaPseudoLabels(backbone=_small_backbone(), num_classes=3, gradient_clip_val=1.0), UDA(backbone=_small_backbone(), num_classes=3)):
         record = _RecordH() if isinstance(model, MetaPseudoLabels) else None
         trainer = _trainer(max_steps=6, precision=precision, callbacks=[record] if record else [])
         trainer.fit(model, datamodule=_SemiSupData(labeled, unlabeled))

@@ -38,7 +38,7 @@ def test_digits_split_batches_and_pixel_arrays():
     data = DigitsSemiSupDataModule(split_seed=0)
     data.setup()
     assert len(data.labeled_set) == 50 and len(data.unlabeled_set) == 1257 and len(data.test_set) == 540
-    assert np.bincount(data.labeled_set.targets.numpy(), minlength=10).tolist() == [5] * 10
+    assert np.bincount(data.labeled_set.labels.numpy(), minlength=10).tolist() == [5] * 10
     loader = data.train_dataloader()
     iterator = iter(loader)
     assert len(loader) == 1257 // 112
@@ -50,7 +50,7 @@ def test_digits_split_batches_and_pixel_arrays():
     assert weak.shape == strong.shape == (112, 1, 16, 16) and hidden.shape == (112,)
     assert not torch.equal(weak, strong)
     x_l, y_l = data.pixel_arrays("labeled")
-    assert x_l.shape == (50, 64) and np.array_equal(y_l, data.labeled_set.targets.numpy())
+    assert x_l.shape == (50, 64) and np.array_equal(y_l, data.labeled_set.labels.numpy())
     # the 16-px tensors are the 8-px pixels resized: pooled back, they match the raw array (scaled by 16)
     pooled = torch.nn.functional.avg_pool2d(data.labeled_set.images, 2).flatten(1).numpy() * 16
     assert np.corrcoef(pooled.ravel(), x_l.ravel())[0, 1] > 0.95
@@ -95,8 +95,8 @@ def test_svhn_mat_files_map_label_10_to_digit_0(tmp_path):
                 {"X": rng.integers(0, 256, (32, 32, 3, n), dtype=np.uint8), "y": labels.astype(np.uint8)})
     data = SVHNSemiSupDataModule(root=str(tmp_path), num_labels_per_class=1, batch_size=2, mu=2, num_workers=0)
     data.setup()
-    assert sorted(data.labeled_set.targets.tolist()) == list(range(10))
-    assert data.test_set.targets[:3].tolist() == [0, 1, 2]
+    assert sorted(data.labeled_set.labels.tolist()) == list(range(10))
+    assert data.test_set.labels[:3].tolist() == [0, 1, 2]
     mat = __import__("scipy.io", fromlist=["loadmat"]).loadmat(tmp_path / "train_32x32.mat")
     assert torch.equal(data.unlabeled_set.base.images[4], torch.from_numpy(mat["X"][..., 4]).permute(2, 1, 0).transpose(1, 2))
 
@@ -116,13 +116,13 @@ def test_stl10_binaries_load_with_unlabeled_targets_minus_one_and_folds(tmp_path
     (folder / "fold_indices.txt").write_text("\n".join(" ".join(str(i) for i in range(f, 20, 10)) for f in range(10)))
     data = STL10SemiSupDataModule(root=str(tmp_path), batch_size=2, mu=2, num_workers=0)
     data.setup()
-    assert len(data.labeled_set) == 20 and data.labeled_set.targets[:3].tolist() == [0, 1, 2]
+    assert len(data.labeled_set) == 20 and data.labeled_set.labels[:3].tolist() == [0, 1, 2]
     assert len(data.unlabeled_set) == 26
-    assert (data.unlabeled_set.base.targets[20:] == -1).all()
+    assert (data.unlabeled_set.base.labels[20:] == -1).all()
     assert torch.equal(data.labeled_set.images[3], torch.from_numpy(images["train"][3]).permute(2, 0, 1))
     fold = STL10SemiSupDataModule(root=str(tmp_path), fold=3, batch_size=2, mu=2, num_workers=0)
     fold.setup()
-    assert fold.labeled_set.targets.tolist() == [3, 3]
+    assert fold.labeled_set.labels.tolist() == [3, 3]
 
 
 def test_ddp_without_disabling_lightnings_sampler_is_refused():

@@ -41,7 +41,7 @@ def test_layout_matches_cub(birds):
 
 
 def test_the_cub_parser_reads_it(birds):
-    dm = CUBDataModule(str(birds.parent), image_size=56, resize=64, num_workers=0)
+    dm = CUBDataModule(root=str(birds.parent), image_size=56, resize=64, num_workers=0)
     dm.setup("fit")
     assert dm.num_classes == 12 and len(dm.train_set) == 36 and len(dm.test_set) == 24
     image, label = dm.train_set[0]
@@ -52,12 +52,13 @@ def test_deterministic_and_idempotent(birds, tmp_path):
     again = write_toy_birds(tmp_path / "again", train_per_class=3, test_per_class=2, seed=1)
     for path in sorted(p.relative_to(birds) for p in birds.rglob("*") if p.is_file()):
         assert (birds / path).read_bytes() == (again / path).read_bytes(), path
-    marker = tmp_path / "again" / "toybirds.json"
+    marker = tmp_path / "again" / "generated.json"
     stamp = marker.stat().st_mtime_ns
     write_toy_birds(tmp_path / "again", train_per_class=3, test_per_class=2, seed=1)
     assert marker.stat().st_mtime_ns == stamp
     write_toy_birds(tmp_path / "again", train_per_class=3, test_per_class=2, seed=2)
-    assert json.loads(marker.read_text())["seed"] == 2
+    assert json.loads(marker.read_text())["params"]["seed"] == 2
+    assert [p.name for p in tmp_path.iterdir()] == ["again"]  # the old set and the staging folder are gone
     assert (birds / "images.txt").read_text() == (again / "images.txt").read_text()
     first = _table(birds, "images.txt")[0][1]
     assert (birds / "images" / first).read_bytes() != (again / "images" / first).read_bytes()
@@ -82,7 +83,7 @@ def test_bad_arguments_raise(tmp_path):
 
 
 def test_datamodule_writes_on_prepare(tmp_path):
-    dm = ToyBirdsDataModule(str(tmp_path / "tb"), train_per_class=2, test_per_class=1, classes_per_batch=3,
+    dm = ToyBirdsDataModule(root=str(tmp_path / "tb"), train_per_class=2, test_per_class=1, classes_per_batch=3,
                             images_per_class=2)
     dm.prepare_data()
     dm.setup("fit")

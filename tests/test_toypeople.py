@@ -62,8 +62,8 @@ def _tree_hash(root: Path) -> str:
 def test_returns_two_market_domains_and_marker(reid):
     assert set(reid) == {"source", "target"} and reid["source"].parent == reid["target"].parent
     root = reid["source"].parent
-    assert sorted(p.name for p in root.iterdir()) == ["source", "synthetic_reid.json", "target"]  # no staging left
-    assert json.loads((root / "synthetic_reid.json").read_text())["seed"] == 1
+    assert sorted(p.name for p in root.iterdir()) == ["generated.json", "source", "target"]
+    assert json.loads((root / "generated.json").read_text())["params"]["seed"] == 1
     for domain in reid.values():
         assert sorted(p.name for p in domain.iterdir()) == sorted(FOLDERS)
 
@@ -140,7 +140,7 @@ def test_deterministic_idempotent_and_crash_safe(tmp_path, monkeypatch):
     assert a_train[0].read_bytes() != c_train[0].read_bytes()
     assert second["source"] == tmp_path / "b" / "source"
 
-    marker = tmp_path / "a" / "synthetic_reid.json"
+    marker = tmp_path / "a" / "generated.json"
     image = a_train[0]
     stamps = marker.stat().st_mtime_ns, image.stat().st_mtime_ns
     assert write_synthetic_reid(tmp_path / "a", seed=3, **TINY) == first
@@ -153,11 +153,13 @@ def test_deterministic_idempotent_and_crash_safe(tmp_path, monkeypatch):
     monkeypatch.setattr(toypeople, "_write_domain", crash)
     with pytest.raises(RuntimeError, match="interrupted"):  # other parameters, interrupted: the old set is intact
         write_synthetic_reid(tmp_path / "a", seed=5, **TINY)
-    assert _tree_hash(tmp_path / "a") == before and json.loads(marker.read_text())["seed"] == 3
+    assert _tree_hash(tmp_path / "a") == before and json.loads(marker.read_text())["params"]["seed"] == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "c"]  # and no staging folder is left
     monkeypatch.undo()
     write_synthetic_reid(tmp_path / "a", seed=4, **TINY)
-    assert json.loads(marker.read_text())["seed"] == 4
-    assert _tree_hash(tmp_path / "a") == _tree_hash(tmp_path / "c")  # the leftover staging folder is gone too
+    assert json.loads(marker.read_text())["params"]["seed"] == 4
+    assert _tree_hash(tmp_path / "a") == _tree_hash(tmp_path / "c")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "c"]  # the old set was deleted
 
 
 def test_rejects_bad_parameters(tmp_path):

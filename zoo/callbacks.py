@@ -8,16 +8,19 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+import random
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities import CombinedLoader, rank_zero_info, rank_zero_only
 from torch import nn
+from torch.utils.data import DataLoader
 from torchvision.utils import make_grid, save_image
 
 from zoo.checkpoint import load_weights
@@ -127,11 +130,37 @@ class LearningRateLogger(LearningRateMonitor):
             super().on_train_epoch_start(trainer, *args, **kwargs)
 
 
+def _rng_states() -> dict[str, Any]:
+    """The global RNG states of torch (CPU and CUDA), numpy and Python, in types ``torch.load(weights_only=True)``
+    reads back (numpy's key array as a tensor)."""
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    version, python_state, gauss = random.getstate()
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached),
+            "python": (version, tuple(python_state), gauss)}
+
+
+def _set_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    kind, keys, position, has_gauss, cached = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached))
+    random.setstate(states["python"])
+
+
 class LastCheckpoint(ModelCheckpoint):
     """Keeps ``last.ckpt`` current: every ``every_n_train_steps`` steps, at each epoch end and when training ends.
 
     It is a ``ModelCheckpoint`` so that ``--ckpt_path last`` finds its file. The best-on-metric checkpoint is a
     separate ``ModelCheckpoint``: a monitored one defers step-based saves until validation has run.
+
+    Every checkpoint also carries the process's random-number generators (torch, numpy, Python), restored when a
+    single-process run resumes, just before training continues: together with the position of the training loader
+    (``datamodules.base.ResumableDataLoader``) the resumed run draws the same batches, augmentations (in the main
+    process) and dropout masks as the run that was interrupted. Under DDP each rank has its own generators and only
+    the loader positions are restored. A step-based save that falls on an epoch's last batch is left to the save at
+    the epoch's end, after validation, so that a resumed run starts the next epoch from where the straight run did.
     """
 
     def __init__(
@@ -147,6 +176,39 @@ class LastCheckpoint(ModelCheckpoint):
             every_n_train_steps=None if train_time_interval else every_n_train_steps,
             train_time_interval=train_time_interval,
         )
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        world_size = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        if world_size == 1:
+            state["rng_states"] = _rng_states()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        self._rng_states_to_restore = state_dict.pop("rng_states", None)
+        super().load_state_dict(state_dict)
+
+    def on_train_start(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> None:
+        super().on_train_start(trainer, pl_module)
+        # Restored here, after Lightning built the loaders and ran its sanity check, right before the next batch.
+        states, self._rng_states_to_restore = getattr(self, "_rng_states_to_restore", None), None
+        if states is None or trainer.world_size > 1:
+            return
+        _set_rng_states(states)
+        loaders = CombinedLoader(trainer.train_dataloader).flattened if trainer.train_dataloader is not None else []
+        if any(getattr(loader, "resumes_mid_epoch", None) is False for loader in loaders):
+            # Resuming at an epoch's start: the interrupted run would now create the epoch's loader iterators, each
+            # drawing its worker base seed from torch's RNG (torch.utils.data's _BaseDataLoaderIter; persistent
+            # workers draw nothing after the first epoch). This run created them before the restore: draw again.
+            for loader in loaders:
+                if isinstance(loader, DataLoader) and not (loader.persistent_workers and loader.num_workers > 0):
+                    torch.empty((), dtype=torch.int64).random_(generator=loader.generator)
+
+    def on_train_batch_end(self, trainer: "L.Trainer", pl_module: "L.LightningModule", outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if not trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
     def _save_last_now(self, trainer: "L.Trainer") -> None:
         if self._should_skip_saving_checkpoint(trainer) or self._last_global_step_saved == trainer.global_step:

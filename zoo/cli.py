@@ -8,7 +8,9 @@
 * ``last_checkpoint``: ``last.ckpt`` every ``every_n_train_steps`` steps, at each epoch end and at the end,
   written atomically, so ``--ckpt_path last`` resumes a killed run,
 * ``finetune``: ``init_from`` a checkpoint or weights file with ``key_map`` and ``freeze`` patterns,
-* a stop on the first non-finite loss, a learning-rate monitor, a progress bar, and ``seed_everything: 0``.
+* a stop on the first non-finite loss, a learning-rate monitor, a progress bar, and ``seed_everything: 0``,
+* ``trainer.use_distributed_sampler: false``: the zoo's datamodules shard their loaders across DDP ranks themselves
+  (``datamodules.base.ZooDataModule``), and refuse DDP with Lightning's sampler on top.
 
 Runs live under ``trainer.default_root_dir`` (default ``runs/<config file name>``), so a second invocation of the
 same config finds the first one's ``last.ckpt``.
@@ -50,6 +52,8 @@ class ZooCLI(LightningCLI):
                 "init_args": {"offline": True, "project": "zoo"},
             },
             "callbacks": [LearningRateLogger()],
+            # The zoo's datamodules shard every loader across ranks themselves (datamodules.base).
+            "use_distributed_sampler": False,
         }
         defaults.update(kwargs.pop("trainer_defaults", None) or {})
         kwargs["trainer_defaults"] = defaults

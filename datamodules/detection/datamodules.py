@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
 from datamodules.base import ZooDataModule, require_path
@@ -37,10 +37,12 @@ class DetectionDataModule(ZooDataModule):
         seed: with the epoch, fixes the training order; the same on every rank.
     """
 
-    def __init__(self, train_min_size: int | list[int], min_size: int, max_size: int, flip_prob: float,
-                 group_aspect_ratio: bool, batch_size: int, eval_batch_size: Optional[int], num_workers: int,
-                 pin_memory: bool, seed: int) -> None:
-        super().__init__(batch_size, eval_batch_size, num_workers, pin_memory)
+    def __init__(self, *, train_min_size: int | list[int] = 800, min_size: int = 800, max_size: int = 1333,
+                 flip_prob: float = 0.5, group_aspect_ratio: bool = True, batch_size: int = 2,
+                 eval_batch_size: Optional[int] = None, num_workers: int = 0, pin_memory: bool = False,
+                 seed: int = 0) -> None:
+        super().__init__(batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers,
+                         pin_memory=pin_memory)
         self.train_min_size = train_min_size if isinstance(train_min_size, int) else list(train_min_size)
         self.min_size, self.max_size, self.flip_prob = min_size, max_size, flip_prob
         self.group_aspect_ratio, self.seed = group_aspect_ratio, seed
@@ -70,37 +72,23 @@ class DetectionDataModule(ZooDataModule):
         if stage in (None, "test", "predict") and self.test_set is None:
             self.test_set = self._build("test", self.eval_transform())
 
-    def _require(self, dataset: Optional[Dataset], stage: str) -> Dataset:
-        if dataset is None:
-            raise RuntimeError(f"{type(self).__name__}: call setup({stage!r}) before this dataloader")
-        return dataset
-
     def train_dataloader(self) -> DataLoader:
-        self._refuse_lightning_sampler()
-        dataset = self._require(self.train_set, "fit")
+        dataset = self._require(self.train_set, "training")
         rank, world = self._world()
         ratios = dataset.aspect_ratios if self.group_aspect_ratio else torch.ones(len(dataset))
         sampler = AspectRatioBatchSampler(ratios, self.batch_size, shuffle=True, seed=self.seed, drop_last=False,
                                           rank=rank, world_size=world)
-        trainer = getattr(self, "trainer", None)
-        sampler.set_epoch(trainer.current_epoch if trainer is not None else 0)
-        return DataLoader(dataset, batch_sampler=sampler, collate_fn=detection_collate, num_workers=self.num_workers,
-                          pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0)
+        return self.batch_sampler_loader(dataset, sampler, collate_fn=detection_collate)
 
-    def _eval_loader(self, dataset: Optional[Dataset], stage: str) -> DataLoader:
-        """Rank ``r`` of ``w`` evaluates images ``r, r + w, ...`` (every image once, no padding; ``image_id``
-        identifies them for ``DetectionMetrics``)."""
-        self._refuse_lightning_sampler()
-        return self._strided_eval_loader(self._require(dataset, stage), collate_fn=detection_collate)
-
+    # Evaluation: rank r of w evaluates images r, r + w, ...; `image_id` identifies them for DetectionMetrics.
     def val_dataloader(self) -> DataLoader:
-        return self._eval_loader(self.val_set, "validate")
+        return self.eval_loader(self._require(self.val_set, "validation"), collate_fn=detection_collate)
 
     def test_dataloader(self) -> DataLoader:
-        return self._eval_loader(self.test_set, "test")
+        return self.eval_loader(self._require(self.test_set, "test"), collate_fn=detection_collate)
 
     def predict_dataloader(self) -> DataLoader:
-        return self._eval_loader(self.test_set, "predict")
+        return self.eval_loader(self._require(self.test_set, "test"), collate_fn=detection_collate)
 
 
 class CocoDetectionDataModule(DetectionDataModule):
@@ -113,11 +101,12 @@ class CocoDetectionDataModule(DetectionDataModule):
         root: the dataset folder (``data/coco``).
         train_images, train_annotations, val_images, val_annotations: paths relative to ``root``.
         test_images, test_annotations: default: the validation ones.
-        (others: see ``DetectionDataModule``)
+        **kwargs: see ``DetectionDataModule`` (COCO's 800 / 1333 sizes are its defaults).
     """
 
     def __init__(
         self,
+        *,
         root: str = "data/coco",
         train_images: str = "train2017",
         train_annotations: str = "annotations/instances_train2017.json",
@@ -125,19 +114,9 @@ class CocoDetectionDataModule(DetectionDataModule):
         val_annotations: str = "annotations/instances_val2017.json",
         test_images: Optional[str] = None,
         test_annotations: Optional[str] = None,
-        train_min_size: int | list[int] = 800,
-        min_size: int = 800,
-        max_size: int = 1333,
-        flip_prob: float = 0.5,
-        group_aspect_ratio: bool = True,
-        batch_size: int = 2,
-        eval_batch_size: Optional[int] = None,
-        num_workers: int = 0,
-        pin_memory: bool = False,
-        seed: int = 0,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(train_min_size, min_size, max_size, flip_prob, group_aspect_ratio, batch_size,
-                         eval_batch_size, num_workers, pin_memory, seed)
+        super().__init__(**kwargs)
         self.root = Path(root)
         self.files = {
             "train": (train_images, train_annotations),
@@ -186,11 +165,13 @@ class VOCDetectionDataModule(DetectionDataModule):
         val_set, test_set: the evaluation sets.
         download: fetch the missing sets' tars (VOC2007 trainval/test, VOC2012 trainval) with torchvision's
             ``VOCDetection`` into ``root``'s parent (about 3.6 GB); off by default, nothing is downloaded unless asked.
-        (others: see ``DetectionDataModule``; 600 / 1000 as in Faster R-CNN's VOC setting)
+        train_min_size, min_size, max_size: 600 / 1000 as in Faster R-CNN's VOC setting.
+        **kwargs: see ``DetectionDataModule``.
     """
 
     def __init__(
         self,
+        *,
         root: str = "data/VOCdevkit",
         train_sets: list[str] = ["2007/trainval", "2012/trainval"],  # noqa: B006 (copied, never mutated)
         val_set: str = "2007/test",
@@ -198,17 +179,10 @@ class VOCDetectionDataModule(DetectionDataModule):
         train_min_size: int | list[int] = 600,
         min_size: int = 600,
         max_size: int = 1000,
-        flip_prob: float = 0.5,
-        group_aspect_ratio: bool = True,
-        batch_size: int = 2,
-        eval_batch_size: Optional[int] = None,
-        num_workers: int = 0,
-        pin_memory: bool = False,
-        seed: int = 0,
         download: bool = False,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(train_min_size, min_size, max_size, flip_prob, group_aspect_ratio, batch_size,
-                         eval_batch_size, num_workers, pin_memory, seed)
+        super().__init__(train_min_size=train_min_size, min_size=min_size, max_size=max_size, **kwargs)
         self.root = Path(root)
         self.download = download
         self.sets = {"train": list(train_sets), "val": [val_set], "test": [test_set]}
@@ -249,12 +223,13 @@ class DigitCanvasDataModule(CocoDetectionDataModule):
         canvas_size, num_train, num_val, num_test, min_digit, max_digit, max_digits, noise: see
             ``write_digit_canvas``.
         train_min_size, min_size, max_size: default ``canvas_size``.
-        seed: with the epoch, fixes the training order.
-        (others: see ``DetectionDataModule``)
+        flip_prob, group_aspect_ratio, batch_size: no flip, no grouping, 16 canvases.
+        **kwargs: see ``DetectionDataModule``.
     """
 
     def __init__(
         self,
+        *,
         root: str = "data/digit_canvas",
         generator_seed: int = 0,
         canvas_size: int = 128,
@@ -271,16 +246,14 @@ class DigitCanvasDataModule(CocoDetectionDataModule):
         flip_prob: float = 0.0,
         group_aspect_ratio: bool = False,
         batch_size: int = 16,
-        eval_batch_size: Optional[int] = None,
-        num_workers: int = 0,
-        pin_memory: bool = False,
-        seed: int = 0,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(root, "train", "annotations/instances_train.json", "val", "annotations/instances_val.json",
-                         "test", "annotations/instances_test.json",
-                         canvas_size if train_min_size is None else train_min_size,
-                         min_size or canvas_size, max_size or canvas_size, flip_prob, group_aspect_ratio, batch_size,
-                         eval_batch_size, num_workers, pin_memory, seed)
+        super().__init__(root=root, train_images="train", train_annotations="annotations/instances_train.json",
+                         val_images="val", val_annotations="annotations/instances_val.json", test_images="test",
+                         test_annotations="annotations/instances_test.json",
+                         train_min_size=canvas_size if train_min_size is None else train_min_size,
+                         min_size=min_size or canvas_size, max_size=max_size or canvas_size, flip_prob=flip_prob,
+                         group_aspect_ratio=group_aspect_ratio, batch_size=batch_size, **kwargs)
         self.generation = dict(seed=generator_seed, canvas_size=canvas_size, num_train=num_train, num_val=num_val,
                                num_test=num_test, min_digit=min_digit, max_digit=max_digit, max_digits=max_digits,
                                noise=noise)

@@ -60,7 +60,7 @@ class AspectRatioBatchSampler(EpochBatchSampler):
             return self._num_batches() // self.world_size
         return -(-self._num_batches() // self.world_size)
 
-    def epoch_batches(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def epoch_table(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(items, sizes)`` of the whole epoch (all ranks): batch ``b`` is the next ``sizes[b]`` entries of ``items``."""
         n, bs = len(self.landscape), self.batch_size
         order = torch.randperm(n, generator=seeded_generator(self.seed, self.epoch)) if self.shuffle else torch.arange(n)
@@ -94,8 +94,8 @@ class AspectRatioBatchSampler(EpochBatchSampler):
                 sizes = torch.cat([sizes[:largest], torch.tensor([int(sizes[largest]) - half, half]), sizes[largest + 1:]])
         return items, sizes
 
-    def __iter__(self) -> Iterator[list[int]]:
-        items, sizes = self.epoch_batches()
+    def epoch_batches(self) -> Iterator[list[int]]:
+        items, sizes = self.epoch_table()
         items_list, starts = items.tolist(), (torch.cumsum(sizes, 0) - sizes).tolist()
         sizes_list = sizes.tolist()
         for b in range(self.rank, len(sizes_list), self.world_size):

@@ -1,23 +1,22 @@
 """Digits on canvas: the detection family's embedded default, written as a real COCO-format set.
 
 scikit-learn's bundled 8×8 digits are pasted at 16–40 px onto noisy square canvases; ``DigitCanvasDataModule``
-(``datamodules.detection``) reads the result with the same code as COCO.
+(``datamodules.detection``) reads the result with the same code as COCO. ``datamodules.generated.install`` installs
+it (marker ``generated.json``), safely under concurrent writers.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from datamodules.generated.install import install_generated
+
 __all__ = ["resize_digit", "write_digit_canvas"]
 
-_CANVAS_MARKER = "digit_canvas.json"
 _SPLIT_POOLS = {"train": (0, 1400), "val": (1400, 1600), "test": (1600, None)}  # sklearn digit indices: writers
 
 
@@ -57,13 +56,6 @@ def _draw_canvas(rng: np.random.Generator, digits: np.ndarray, pool: np.ndarray,
     return (np.clip(canvas, 0, 1) * 255).round().astype(np.uint8), placed
 
 
-def _canvas_is_current(root: Path, params: dict) -> bool:
-    try:
-        return (root / "annotations").is_dir() and json.loads((root / _CANVAS_MARKER).read_text()) == params
-    except (OSError, json.JSONDecodeError):
-        return False
-
-
 def write_digit_canvas(root: str | Path, seed: int = 0, canvas_size: int = 128, num_train: int = 1000,
                        num_val: int = 200, num_test: int = 200, min_digit: int = 16, max_digit: int = 40,
                        max_digits: int = 4, noise: float = 0.3) -> Path:
@@ -80,10 +72,10 @@ def write_digit_canvas(root: str | Path, seed: int = 0, canvas_size: int = 128, 
 
         <root>/{train,val,test}/000000.png ...
         <root>/annotations/instances_{train,val,test}.json    category ids 1..10 named "0".."9"
-        <root>/digit_canvas.json                               the generation parameters
+        <root>/generated.json                                  the generation parameters, written last
 
-    The set is written into a temporary sibling folder and moved into place with ``os.replace``, so concurrent
-    writers never expose a half-written set: if another process installed the same set first, its copy is used. A
+    ``datamodules.generated.install.install_generated`` writes the set into a staging folder and renames it into
+    place, so concurrent writers never expose a half-written set and the first one's copy is used; a digit-canvas
     set with other parameters is replaced. ``root`` must not hold anything else.
 
     Raises:
@@ -95,25 +87,18 @@ def write_digit_canvas(root: str | Path, seed: int = 0, canvas_size: int = 128, 
                          f"{noise}, {seed}")
     if min(num_train, num_val, num_test) < 0:
         raise ValueError(f"write_digit_canvas: negative split size ({num_train}, {num_val}, {num_test})")
-    root = Path(root)
-    params = dict(version=1, seed=seed, canvas_size=canvas_size, num_train=num_train, num_val=num_val,
-                  num_test=num_test, min_digit=min_digit, max_digit=max_digit, max_digits=max_digits, noise=noise)
-    if _canvas_is_current(root, params):
-        return root
-    if root.is_dir() and any(root.iterdir()) and not (root / _CANVAS_MARKER).exists():
-        raise ValueError(f"'{root}' exists and is not a digit-canvas set (no {_CANVAS_MARKER}); refusing to replace "
-                         "it: choose an empty or new root")
-    from sklearn.datasets import load_digits  # the bundled copy: no download
+    params = dict(seed=seed, canvas_size=canvas_size, num_train=num_train, num_val=num_val, num_test=num_test,
+                  min_digit=min_digit, max_digit=max_digit, max_digits=max_digits, noise=noise)
 
-    digits = load_digits()
-    images, targets = digits.images.astype(np.float32) / 16.0, digits.target
-    root.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.", suffix=".partial", dir=root.parent))
-    try:
-        (staging / "annotations").mkdir()
+    def write(folder: Path) -> None:
+        from sklearn.datasets import load_digits  # the bundled copy: no download
+
+        digits = load_digits()
+        images, targets = digits.images.astype(np.float32) / 16.0, digits.target
+        (folder / "annotations").mkdir()
         categories = [{"id": d + 1, "name": str(d), "supercategory": "digit"} for d in range(10)]
         for code, (split, count) in enumerate((("train", num_train), ("val", num_val), ("test", num_test))):
-            (staging / split).mkdir()
+            (folder / split).mkdir()
             lo, hi = _SPLIT_POOLS[split]
             pool = np.arange(len(images))[lo:hi]
             entries, annotations = [], []
@@ -121,7 +106,7 @@ def write_digit_canvas(root: str | Path, seed: int = 0, canvas_size: int = 128, 
                 rng = np.random.default_rng([seed, code, i])
                 canvas, placed = _draw_canvas(rng, images, pool, canvas_size, min_digit, max_digit, max_digits, noise)
                 name = f"{i:06d}.png"
-                Image.fromarray(canvas).save(staging / split / name, compress_level=1)
+                Image.fromarray(canvas).save(folder / split / name, compress_level=1)
                 entries.append({"id": i, "file_name": name, "width": canvas_size, "height": canvas_size})
                 for x, y, size, index in placed:
                     annotations.append({"id": len(annotations) + 1, "image_id": i,
@@ -129,26 +114,6 @@ def write_digit_canvas(root: str | Path, seed: int = 0, canvas_size: int = 128, 
                                         "area": size * size, "iscrowd": 0, "digit_index": index})
             coco = {"info": {"description": "digits on canvas (datamodules.detection.write_digit_canvas)"},
                     "images": entries, "annotations": annotations, "categories": categories}
-            (staging / "annotations" / f"instances_{split}.json").write_text(json.dumps(coco))
-        (staging / _CANVAS_MARKER).write_text(json.dumps(params, indent=1))
-        for _ in range(10):
-            if _canvas_is_current(root, params):
-                break  # another process finished first: use theirs
-            try:
-                os.replace(staging, root)  # atomic; succeeds when root is absent or an empty folder
-                break
-            except OSError:
-                # root holds an outdated set: move it aside (atomically), then retry
-                if _canvas_is_current(root, params):
-                    break
-                aside = Path(tempfile.mkdtemp(prefix=f".{root.name}.", suffix=".old", dir=root.parent))
-                try:
-                    os.replace(root, aside)
-                except FileNotFoundError:
-                    pass
-                shutil.rmtree(aside, ignore_errors=True)
-        else:
-            raise RuntimeError(f"could not install the digit-canvas set at '{root}' (concurrent writers?)")
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return root
+            (folder / "annotations" / f"instances_{split}.json").write_text(json.dumps(coco))
+
+    return install_generated(root, generator="detection_digit_canvas", version=1, params=params, write=write)

@@ -8,7 +8,7 @@ a stand-in with the same structure, so that the Omniglot loader, the few-shot me
 
     <root>/images_background/Glyph_Alphabet_01/character01/0001_01.png   alphabets 01..B
     <root>/images_evaluation/Glyph_Alphabet_<B+1>/character01/....png   alphabets B+1..B+E (names never collide)
-    <root>/glyphs.json                                                  generation parameters, written last
+    <root>/generated.json                                               generation parameters, written last
 
 ``<CCCC>`` is the character's 1-based number over the whole set (as in Omniglot's ``0709_01.png``), ``<DD>`` the
 drawer. Images are white (1) with black strokes, mode ``"1"``, like the originals.
@@ -39,24 +39,19 @@ leaves room for a learned metric. The default set (9,600 images, 40 MB) takes 15
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import operator
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
+from datamodules.generated.install import install_generated
+
 __all__ = ["write_glyph_omniglot", "GLYPHS_VERSION"]
 
 #: bump whenever the drawing changes, so that sets cached under an older version are regenerated
 GLYPHS_VERSION = 1
-
-_MARKER = "glyphs.json"
-_SPLITS = ("images_background", "images_evaluation")
-_STAGING = ".glyphs_partial"
 
 # Distinct first key words for each RNG stream: numpy's SeedSequence pads short entropy with zeros, so (s, a) and
 # (s, a, 0) would otherwise draw the same numbers.
@@ -361,15 +356,7 @@ def draw_instance(strokes: list[Stroke], rng: np.random.Generator, image_size: i
 
 def _parameters(**kwargs: int) -> dict[str, int]:
     # operator.index rejects floats (and accepts numpy integers, stored as plain ints so they survive json)
-    return {**{name: operator.index(value) for name, value in kwargs.items()}, "version": GLYPHS_VERSION}
-
-
-def _is_cached(root: Path, parameters: dict[str, int]) -> bool:
-    try:
-        cached = json.loads((root / _MARKER).read_text())
-    except (OSError, json.JSONDecodeError):
-        return False
-    return cached == parameters and all((root / split).is_dir() for split in _SPLITS)
+    return {name: operator.index(value) for name, value in kwargs.items()}
 
 
 def _validate(parameters: dict[str, int]) -> None:
@@ -419,15 +406,15 @@ def write_glyph_omniglot(
     numbering (``B+1..B+E``) in ``images_evaluation``; every alphabet has ``characters_per_alphabet`` characters
     drawn by ``drawers`` drawers as ``image_size``² 1-bit PNGs. The same parameters always give byte-identical files.
 
-    ``root/glyphs.json`` records the parameters and is written last: when it matches, nothing is done; when it
-    differs or is missing, the old folders are removed and the set is rewritten. Images are written to a staging
-    folder and moved into place at the end, so an interrupted run leaves neither a marker nor a half-written set.
-    Concurrent writers to one ``root`` are not supported (Lightning's ``prepare_data`` runs once per node).
+    ``datamodules.generated.install`` installs the set: when ``root/generated.json`` matches the parameters (and
+    ``GLYPHS_VERSION``) nothing is done; otherwise the set is written to a staging folder next to ``root`` and renamed
+    into place, replacing a glyph set with other parameters. An interrupted run leaves the previous set (or none),
+    and concurrent writers to one ``root`` install one complete set. ``root`` must not hold anything else.
 
     Raises:
-        ValueError: a count outside what the layout's 2- and 4-digit numbers can hold, or ``image_size < 16``.
+        ValueError: a count outside what the layout's 2- and 4-digit numbers can hold, ``image_size < 16``, or
+            ``root`` holds something that is not a glyph set.
     """
-    root = Path(root)
     parameters = _parameters(
         background_alphabets=background_alphabets,
         evaluation_alphabets=evaluation_alphabets,
@@ -437,34 +424,18 @@ def write_glyph_omniglot(
         seed=seed,
     )
     _validate(parameters)
-    if _is_cached(root, parameters):
-        return root
 
-    root.mkdir(parents=True, exist_ok=True)
-    # the marker goes first, so that a run interrupted from here on never looks complete
-    (root / _MARKER).unlink(missing_ok=True)
-    for split in _SPLITS:
-        shutil.rmtree(root / split, ignore_errors=True)
-    staging = root / _STAGING
-    shutil.rmtree(staging, ignore_errors=True)
+    def write(folder: Path) -> None:
+        # alphabets are numbered over both splits: evaluation names and character numbers continue the background ones
+        background = parameters["background_alphabets"]
+        total = background + parameters["evaluation_alphabets"]
+        characters = parameters["characters_per_alphabet"]
+        digits = max(2, len(str(total)))  # more than 99 alphabets: widen, so that names still sort in order
+        splits = (("images_background", range(background)), ("images_evaluation", range(background, total)))
+        for split, alphabets in splits:
+            (folder / split).mkdir()
+            for a in alphabets:
+                _write_alphabet(folder / split / f"Glyph_Alphabet_{a + 1:0{digits}d}", a, a * characters + 1,
+                                characters, parameters["drawers"], parameters["image_size"], parameters["seed"])
 
-    # alphabets are numbered over both splits, so evaluation names and character numbers continue the background ones
-    background = parameters["background_alphabets"]
-    total = background + parameters["evaluation_alphabets"]
-    characters = parameters["characters_per_alphabet"]
-    digits = max(2, len(str(total)))  # more than 99 alphabets: widen, so that names still sort in order
-    splits = (("images_background", range(background)), ("images_evaluation", range(background, total)))
-    for split, alphabets in splits:
-        (staging / split).mkdir(parents=True)
-        for a in alphabets:
-            folder = staging / split / f"Glyph_Alphabet_{a + 1:0{digits}d}"
-            _write_alphabet(folder, a, a * characters + 1, characters, parameters["drawers"],
-                            parameters["image_size"], parameters["seed"])
-    for split, _ in splits:
-        (staging / split).rename(root / split)
-    staging.rmdir()
-
-    tmp = root / f".{_MARKER}.tmp"
-    tmp.write_text(json.dumps(parameters, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, root / _MARKER)
-    return root
+    return install_generated(root, generator="fewshot_glyphs", version=GLYPHS_VERSION, params=parameters, write=write)

@@ -9,7 +9,7 @@ reads it unchanged:
 
     <root>/CUB_200_2011/images/001.Red_Beak_Two_Bars_Straight_Tail/Red_Beak_Two_Bars_Straight_Tail_0001.jpg
     <root>/CUB_200_2011/{images,image_class_labels,train_test_split,classes,bounding_boxes}.txt
-    <root>/toybirds.json    generation parameters, written last
+    <root>/generated.json    generation parameters, written last (see ``datamodules.generated.install``)
 
 What makes it *fine-grained*: every bird has the same body, head, eye, legs and plumage colours; a class is one
 combination of three small parts, beak colour (red / yellow / blue) × white wing bars (two / three) × tail shape
@@ -29,14 +29,14 @@ survives compression.
 
 from __future__ import annotations
 
-import json
 import math
-import shutil
 from itertools import product
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from datamodules.generated.install import install_generated
 
 __all__ = ["write_toy_birds", "TOY_BIRD_CLASSES", "BEAK_COLOURS"]
 
@@ -133,10 +133,6 @@ def _draw_bird(class_name: str, rng: np.random.Generator, size: int) -> tuple[Im
     return small, (round(float(x0), 1), round(float(y0), 1), round(float(x1 - x0), 1), round(float(y1 - y0), 1))
 
 
-def _parameters(**kwargs: int) -> dict:
-    return {"format": "CUB_200_2011", "version": 1, **kwargs}
-
-
 def write_toy_birds(
     root: str | Path,
     *,
@@ -147,53 +143,43 @@ def write_toy_birds(
 ) -> Path:
     """Write the toy-bird set under ``root`` in CUB-200-2011's layout and return ``root/CUB_200_2011``.
 
-    ``root/toybirds.json`` records the parameters and is written last: when it matches, nothing is done; otherwise
-    the old set is removed and the new one is written to a staging folder and moved into place, so an interrupted
-    run leaves neither a marker nor a half-written set.
+    ``datamodules.generated.install.install_generated`` installs it: nothing is done when ``root/generated.json``
+    matches the parameters; otherwise the set is written to a staging folder and renamed into place (replacing a
+    toy-bird set with other parameters), so an interrupted run or a concurrent writer never leaves a half-written set.
+    ``root`` must not hold anything else.
 
     Raises:
-        ValueError: ``image_size < 32`` or a count below 1.
+        ValueError: ``image_size < 32``, a count below 1, or ``root`` holds something that is not a toy-bird set.
     """
     if image_size < 32:
         raise ValueError(f"image_size must be ≥ 32 for the parts to stay visible, got {image_size}")
     if train_per_class < 1 or test_per_class < 1:
         raise ValueError(f"train_per_class and test_per_class must be ≥ 1, got {train_per_class}, {test_per_class}")
-    root = Path(root)
-    marker, target = root / "toybirds.json", root / "CUB_200_2011"
-    parameters = _parameters(image_size=image_size, train_per_class=train_per_class, test_per_class=test_per_class,
-                             seed=seed)
-    if marker.is_file() and target.is_dir():
-        try:
-            if json.loads(marker.read_text()) == parameters:
-                return target
-        except json.JSONDecodeError:
-            pass
-    marker.unlink(missing_ok=True)
-    shutil.rmtree(target, ignore_errors=True)
-    staging = root / ".CUB_200_2011.partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    (staging / "images").mkdir(parents=True)
+    params = dict(image_size=image_size, train_per_class=train_per_class, test_per_class=test_per_class, seed=seed)
 
-    images, labels, splits, boxes = [], [], [], []
-    per_class = train_per_class + test_per_class
-    for class_index, name in enumerate(TOY_BIRD_CLASSES):
-        folder = f"{class_index + 1:03d}.{name}"
-        (staging / "images" / folder).mkdir()
-        for image_index in range(per_class):
-            rng = np.random.default_rng((seed, class_index, image_index))
-            image, box = _draw_bird(name, rng, image_size)
-            relative = f"{folder}/{name}_{image_index + 1:04d}.jpg"
-            image.save(staging / "images" / relative, quality=95, subsampling=0)
-            image_id = len(images) + 1
-            images.append(f"{image_id} {relative}")
-            labels.append(f"{image_id} {class_index + 1}")
-            splits.append(f"{image_id} {int(image_index < train_per_class)}")
-            boxes.append(f"{image_id} " + " ".join(f"{v:.1f}" for v in box))
-    tables = {"images.txt": images, "image_class_labels.txt": labels, "train_test_split.txt": splits,
-              "bounding_boxes.txt": boxes,
-              "classes.txt": [f"{i + 1} {i + 1:03d}.{n}" for i, n in enumerate(TOY_BIRD_CLASSES)]}
-    for filename, lines in tables.items():
-        (staging / filename).write_text("\n".join(lines) + "\n")
-    staging.rename(target)
-    marker.write_text(json.dumps(parameters))
-    return target
+    def write(folder: Path) -> None:
+        cub = folder / "CUB_200_2011"
+        (cub / "images").mkdir(parents=True)
+        images, labels, splits, boxes = [], [], [], []
+        per_class = train_per_class + test_per_class
+        for class_index, name in enumerate(TOY_BIRD_CLASSES):
+            class_folder = f"{class_index + 1:03d}.{name}"
+            (cub / "images" / class_folder).mkdir()
+            for image_index in range(per_class):
+                rng = np.random.default_rng((seed, class_index, image_index))
+                image, box = _draw_bird(name, rng, image_size)
+                relative = f"{class_folder}/{name}_{image_index + 1:04d}.jpg"
+                image.save(cub / "images" / relative, quality=95, subsampling=0)
+                image_id = len(images) + 1
+                images.append(f"{image_id} {relative}")
+                labels.append(f"{image_id} {class_index + 1}")
+                splits.append(f"{image_id} {int(image_index < train_per_class)}")
+                boxes.append(f"{image_id} " + " ".join(f"{v:.1f}" for v in box))
+        tables = {"images.txt": images, "image_class_labels.txt": labels, "train_test_split.txt": splits,
+                  "bounding_boxes.txt": boxes,
+                  "classes.txt": [f"{i + 1} {i + 1:03d}.{n}" for i, n in enumerate(TOY_BIRD_CLASSES)]}
+        for filename, lines in tables.items():
+            (cub / filename).write_text("\n".join(lines) + "\n")
+
+    return install_generated(root, generator="finegrained_toybirds", version=1, params=params,
+                             write=write) / "CUB_200_2011"

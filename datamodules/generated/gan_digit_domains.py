@@ -8,7 +8,7 @@ and writes them as PNGs in the CycleGAN / U-GAT-IT layout that ``datamodules.gan
     <root>/testA/01500.png ...     digits 1500..1796, even indices, domain A
     <root>/testB/01501.png ...     digits 1500..1796, odd indices, domain B
     <root>/labels.csv              split,file,label: the digit of every file, for evaluation only
-    <root>/digitdomains.json       generation parameters, written last
+    <root>/generated.json          generation parameters, written last (see ``datamodules.generated.install``)
 
 A file's name is its sklearn index, and A and B never hold the same source digit, so the domains are truly
 unpaired. The default set has 750 / 750 training and 149 / 148 test images at 32² (about 3 s to write on one shared
@@ -33,15 +33,13 @@ Everything derives from ``numpy.random.default_rng((seed, index))``, so a file's
 from __future__ import annotations
 
 import csv
-import json
-import shutil
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from datamodules.generated.install import install_generated
 
 __all__ = ["write_digit_domains", "render_digit", "NEON_PALETTE", "NUM_TRAIN_DIGITS", "SPLITS"]
 
@@ -53,7 +51,6 @@ NEON_PALETTE = ((255, 40, 200), (0, 230, 255), (90, 255, 40), (255, 150, 0), (25
                 (60, 120, 255), (180, 70, 255))
 #: sklearn digits ``0 .. NUM_TRAIN_DIGITS - 1`` are the training split, the rest the test split
 NUM_TRAIN_DIGITS = 1500
-_MARKER = "digitdomains.json"
 
 
 def _supersample(size: int) -> int:
@@ -122,69 +119,41 @@ def render_digit(digit: np.ndarray, domain: str, size: int, rng: np.random.Gener
     return (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
 
 
-def _parameters(image_size: int, seed: int) -> dict:
-    return {"format": "unpaired", "generator": "digitdomains", "version": 1, "image_size": image_size, "seed": seed}
-
-
-def _is_written(root: Path, parameters: dict) -> bool:
-    marker = root / _MARKER
-    if not marker.is_file() or not all((root / split).is_dir() for split in SPLITS):
-        return False
-    try:
-        return json.loads(marker.read_text()) == parameters
-    except json.JSONDecodeError:
-        return False
-
-
 def write_digit_domains(root: str | Path, image_size: int = 32, seed: int = 0, overwrite: bool = False) -> Path:
     """Write the two digit domains under ``root`` in the unpaired layout and return ``root``.
 
-    ``root/digitdomains.json`` records the parameters and is written last: when it matches (and ``overwrite`` is
-    false) nothing is done. Otherwise the set is written to a staging sibling, the old folders are replaced by it and
-    the marker is written, so an interrupted run never leaves a set that looks complete. Only ``trainA``, ``trainB``,
-    ``testA``, ``testB``, ``labels.csv`` and the marker are touched.
+    ``datamodules.generated.install`` installs the set: when ``root/generated.json`` matches the parameters (and
+    ``overwrite`` is false) nothing is done. Otherwise the set is written to a staging folder and renamed into place
+    (replacing a digit-domains set with other parameters, or this one when ``overwrite``), so an interrupted run or a
+    concurrent writer never leaves a set that looks complete. ``root`` must not hold anything else.
 
     Raises:
-        ValueError: ``image_size < 16`` (the thin strokes of A would vanish) or a negative seed.
+        ValueError: ``image_size < 16`` (the thin strokes of A would vanish), a negative seed, or ``root`` holds
+            something that is not a digit-domains set.
     """
     if image_size < 16:
         raise ValueError(f"image_size must be ≥ 16 for the thin strokes to survive, got {image_size}")
     if seed < 0:
         raise ValueError(f"seed must be ≥ 0, got {seed}")
-    from sklearn.datasets import load_digits  # the bundled copy: no download
 
-    root = Path(root)
-    parameters = _parameters(image_size, seed)
-    if not overwrite and _is_written(root, parameters):
-        return root
-    root.mkdir(parents=True, exist_ok=True)
-    staging = root.parent / f".{root.name}.partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    for split in SPLITS:
-        (staging / split).mkdir(parents=True)
+    def write(folder: Path) -> None:
+        from sklearn.datasets import load_digits  # the bundled copy: no download
 
-    digits = load_digits()
-    rows = []
-    for index, (digit, label) in enumerate(zip(digits.images, digits.target.tolist())):
-        domain = "A" if index % 2 == 0 else "B"
-        split = ("train" if index < NUM_TRAIN_DIGITS else "test") + domain
-        pixels = render_digit(digit, domain, image_size, np.random.default_rng((seed, index)))
-        name = f"{index:05d}.png"
-        Image.fromarray(pixels).save(staging / split / name)
-        rows.append((split, name, label))
-    with open(staging / "labels.csv", "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(("split", "file", "label"))
-        writer.writerows(sorted(rows, key=lambda row: (SPLITS.index(row[0]), row[1])))
+        for split in SPLITS:
+            (folder / split).mkdir()
+        digits = load_digits()
+        rows = []
+        for index, (digit, label) in enumerate(zip(digits.images, digits.target.tolist())):
+            domain = "A" if index % 2 == 0 else "B"
+            split = ("train" if index < NUM_TRAIN_DIGITS else "test") + domain
+            pixels = render_digit(digit, domain, image_size, np.random.default_rng((seed, index)))
+            name = f"{index:05d}.png"
+            Image.fromarray(pixels).save(folder / split / name)
+            rows.append((split, name, label))
+        with open(folder / "labels.csv", "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(("split", "file", "label"))
+            writer.writerows(sorted(rows, key=lambda row: (SPLITS.index(row[0]), row[1])))
 
-    (root / _MARKER).unlink(missing_ok=True)
-    for name in (*SPLITS, "labels.csv"):
-        target = root / name
-        if target.is_dir():
-            shutil.rmtree(target)
-        else:
-            target.unlink(missing_ok=True)
-        (staging / name).rename(target)
-    staging.rmdir()
-    (root / _MARKER).write_text(json.dumps(parameters, indent=1))
-    return root
+    return install_generated(root, generator="gan_digit_domains", version=1,
+                             params={"image_size": image_size, "seed": seed}, write=write, overwrite=overwrite)

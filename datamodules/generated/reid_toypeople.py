@@ -8,7 +8,7 @@ domains so that ``datamodules.reid`` reads them unchanged:
 
     <root>/source/{bounding_box_train,bounding_box_test,query,bounding_box_train_camstyle}/   four mild cameras
     <root>/target/{...}/                                                                    four strong cameras
-    <root>/synthetic_reid.json     generation parameters, written last
+    <root>/generated.json          generation parameters, written last (see ``datamodules.generated.install``)
 
 A person is a small figure (head, torso with a texture, legs, shoes, maybe a backpack or a hat) whose identity is
 a distinct combination of upper colour, lower colour, torso texture and its colour, accessory and build; each image
@@ -29,12 +29,12 @@ JPEGs in all, written in about 3.5 s on one core. Every file derives from
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
+
+from datamodules.generated.install import install_generated
 
 __all__ = ["write_synthetic_reid", "SOURCE_CAMERAS", "TARGET_CAMERAS", "PALETTE"]
 
@@ -198,33 +198,26 @@ def write_synthetic_reid(root: str | Path, seed: int = 0, height: int = 64, widt
                          num_test_ids: int = 30, num_distractors: int = 24, num_junk: int = 12) -> dict[str, Path]:
     """Write both domains under ``root`` (once: an existing set with the same parameters is kept).
 
-    Returns ``{"source": <root>/source, "target": <root>/target}``. The set is written to a temporary sibling and
-    moved into place, and ``synthetic_reid.json`` is written last, so an interrupted run never leaves a set that
-    looks complete.
+    Returns ``{"source": <root>/source, "target": <root>/target}``. ``datamodules.generated.install`` writes the set
+    to a staging folder and renames it into place (replacing a toy-people set with other parameters), so an
+    interrupted run or a concurrent writer never leaves a half-written set. ``root`` must not hold anything else.
+
+    Raises:
+        ValueError: a parameter out of range, or ``root`` holds something that is not a toy-people set.
     """
     if seed < 0 or height < 32 or width < 16 or num_train_ids < 1 or num_test_ids < 1 or min(num_distractors, num_junk) < 0:
         raise ValueError(f"write_synthetic_reid: need seed ≥ 0, height ≥ 32, width ≥ 16, ≥ 1 train and test identity "
                          f"and ≥ 0 distractors and junk, got seed={seed}, {height}×{width}, {num_train_ids}, "
                          f"{num_test_ids}, {num_distractors}, {num_junk}")
-    root = Path(root)
-    params = dict(version=4, seed=seed, height=height, width=width, num_train_ids=num_train_ids,
-                  num_test_ids=num_test_ids, num_distractors=num_distractors, num_junk=num_junk)
-    marker = root / "synthetic_reid.json"
-    paths = {"source": root / "source", "target": root / "target"}
-    if marker.exists() and json.loads(marker.read_text()) == params:
-        return paths
-    root.mkdir(parents=True, exist_ok=True)
-    staging = root.parent / f".{root.name}.partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    per_domain = num_train_ids + num_test_ids + num_distractors
-    people = _identities(np.random.default_rng(seed), 2 * per_domain)  # the two domains hold different people
-    for domain, (name, cameras) in enumerate((("source", SOURCE_CAMERAS), ("target", TARGET_CAMERAS))):
-        _write_domain(staging / name, domain, cameras, people[domain * per_domain:(domain + 1) * per_domain], seed,
-                      height, width, num_train_ids, num_test_ids, num_distractors, num_junk)
-    marker.unlink(missing_ok=True)
-    for name in ("source", "target"):
-        shutil.rmtree(root / name, ignore_errors=True)
-        (staging / name).rename(root / name)
-    staging.rmdir()
-    marker.write_text(json.dumps(params, indent=1))
-    return paths
+    params = dict(seed=seed, height=height, width=width, num_train_ids=num_train_ids, num_test_ids=num_test_ids,
+                  num_distractors=num_distractors, num_junk=num_junk)
+
+    def write(folder: Path) -> None:
+        per_domain = num_train_ids + num_test_ids + num_distractors
+        people = _identities(np.random.default_rng(seed), 2 * per_domain)  # the two domains hold different people
+        for domain, (name, cameras) in enumerate((("source", SOURCE_CAMERAS), ("target", TARGET_CAMERAS))):
+            _write_domain(folder / name, domain, cameras, people[domain * per_domain:(domain + 1) * per_domain],
+                          seed, height, width, num_train_ids, num_test_ids, num_distractors, num_junk)
+
+    root = install_generated(root, generator="reid_toypeople", version=4, params=params, write=write)
+    return {"source": root / "source", "target": root / "target"}

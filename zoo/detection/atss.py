@@ -46,11 +46,11 @@ class ATSS(DenseDetector):
     Test-time score: ``√(σ(cls) · σ(ctr))``.
     """
 
-    def __init__(self, neck: nn.Module, num_classes: int, num_convs: int = 4, num_groups: int = 32,
+    def __init__(self, *, neck: nn.Module, num_classes: int, num_convs: int = 4, num_groups: int = 32,
                  focal_alpha: float = 0.25, focal_gamma: float = 2.0, box_weight: float = 2.0, anchor_scale: float = 8.0,
                  assigner: Literal["atss", "max_iou"] = "atss", topk: int = 9, low_quality_matches: bool = True,
                  **kwargs: Any) -> None:
-        super().__init__(neck, num_classes, anchor_scale=anchor_scale, assigner=assigner, topk=topk,
+        super().__init__(neck=neck, num_classes=num_classes, anchor_scale=anchor_scale, assigner=assigner, topk=topk,
                          low_quality_matches=low_quality_matches, **kwargs)
         self.save_hyperparameters(ignore=["neck"])
         self.head = DenseHead(neck.out_channels, num_classes, len(neck.strides), reg_channels=4, num_convs=num_convs,

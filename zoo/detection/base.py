@@ -71,6 +71,7 @@ class DetectionModule(L.LightningModule):
 
     def __init__(
         self,
+        *,
         num_classes: int,
         image_mean: Sequence[float] = (0.485, 0.456, 0.406),
         image_std: Sequence[float] = (0.229, 0.224, 0.225),

@@ -36,7 +36,7 @@ class DenseDetector(DetectionModule):
         **kwargs: ``DetectionModule`` arguments (optimiser, schedule, test-time selection, metrics).
     """
 
-    def __init__(self, neck: nn.Module, num_classes: int, anchor_scale: float = 8.0,
+    def __init__(self, *, neck: nn.Module, num_classes: int, anchor_scale: float = 8.0,
                  assigner: Literal["atss", "max_iou"] = "atss", topk: int = 9, low_quality_matches: bool = True,
                  **kwargs: Any) -> None:
         super().__init__(num_classes=num_classes, **kwargs)

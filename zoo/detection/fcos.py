@@ -34,7 +34,7 @@ class TorchvisionFCOS(DetectionModule):
         **kwargs: ``DetectionModule`` arguments.
     """
 
-    def __init__(self, neck: nn.Module, num_classes: int, num_convs: int = 4, center_sampling_radius: float = 1.5,
+    def __init__(self, *, neck: nn.Module, num_classes: int, num_convs: int = 4, center_sampling_radius: float = 1.5,
                  **kwargs: Any) -> None:
         super().__init__(num_classes=num_classes, **kwargs)
         self.save_hyperparameters(ignore=["neck"])

@@ -49,11 +49,11 @@ class GFL(DenseDetector):
         **kwargs: ``DetectionModule`` arguments.
     """
 
-    def __init__(self, neck: nn.Module, num_classes: int, reg_max: int = 16, num_convs: int = 4, num_groups: int = 32,
+    def __init__(self, *, neck: nn.Module, num_classes: int, reg_max: int = 16, num_convs: int = 4, num_groups: int = 32,
                  qfl_beta: float = 2.0, box_weight: float = 2.0, dfl_weight: float = 0.25, anchor_scale: float = 8.0,
                  assigner: Literal["atss", "max_iou"] = "atss", topk: int = 9, low_quality_matches: bool = True,
                  **kwargs: Any) -> None:
-        super().__init__(neck, num_classes, anchor_scale=anchor_scale, assigner=assigner, topk=topk,
+        super().__init__(neck=neck, num_classes=num_classes, anchor_scale=anchor_scale, assigner=assigner, topk=topk,
                          low_quality_matches=low_quality_matches, **kwargs)
         self.save_hyperparameters(ignore=["neck"])
         self.head = DenseHead(neck.out_channels, num_classes, len(neck.strides), reg_channels=4 * (reg_max + 1),

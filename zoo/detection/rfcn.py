@@ -113,7 +113,7 @@ class RFCN(DetectionModule):
         **kwargs: ``DetectionModule`` arguments (the paper tests with NMS 0.3).
     """
 
-    def __init__(self, body: nn.Module, num_classes: int, k: int = 7, hidden_channels: int = 1024,
+    def __init__(self, *, body: nn.Module, num_classes: int, k: int = 7, hidden_channels: int = 1024,
                  anchor_sizes: Sequence[int] = (128, 256, 512), anchor_ratios: Sequence[float] = (0.5, 1.0, 2.0),
                  rpn_pre_nms: int = 6000, rpn_post_nms: int = 300, rpn_nms_threshold: float = 0.7,
                  rpn_batch_size: int = 256, fg_iou: float = 0.5, sampling: Literal["ohem", "random"] = "ohem",

@@ -109,6 +109,7 @@ class Baseline(EpisodicModule):
 
     def __init__(
         self,
+        *,
         backbone: nn.Module,
         feature_dim: int,
         num_classes: int,
@@ -119,7 +120,7 @@ class Baseline(EpisodicModule):
         finetune_lr: float = 0.01,
         lr: float = 1e-3,
     ) -> None:
-        super().__init__(backbone, feature_dim, lr)
+        super().__init__(backbone=backbone, feature_dim=feature_dim, lr=lr)
         self.save_hyperparameters()
         self.num_classes, self.classifier_kind, self.scale = num_classes, classifier, scale
         self.classifier = make_classifier(classifier, feature_dim, num_classes, scale)

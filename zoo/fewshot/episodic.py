@@ -83,7 +83,7 @@ class EpisodicModule(L.LightningModule):
         lr: Adam learning rate (CloserLook: 1e-3, no schedule); a CLI ``optimizer:`` overrides it.
     """
 
-    def __init__(self, backbone: nn.Module, feature_dim: int, lr: float = 1e-3) -> None:
+    def __init__(self, *, backbone: nn.Module, feature_dim: int, lr: float = 1e-3) -> None:
         super().__init__()
         self.backbone = backbone
         self.feature_dim, self.lr = feature_dim, lr

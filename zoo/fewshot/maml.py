@@ -74,6 +74,7 @@ class MAML(EpisodicModule):
 
     def __init__(
         self,
+        *,
         backbone: nn.Module,
         feature_dim: int,
         n_way: int = 5,
@@ -84,7 +85,7 @@ class MAML(EpisodicModule):
         tasks_per_step: int = 4,
         lr: float = 1e-3,
     ) -> None:
-        super().__init__(backbone, feature_dim, lr)
+        super().__init__(backbone=backbone, feature_dim=feature_dim, lr=lr)
         self.save_hyperparameters()
         self.automatic_optimization = False
         use_batch_statistics(self.backbone)

@@ -72,9 +72,9 @@ class MatchingNet(EpisodicModule):
         scale: multiplier of the ReLU'd cosine inside the attention softmax (CloserLook: 100).
     """
 
-    def __init__(self, backbone: nn.Module, feature_dim: int, fce: bool = True, scale: float = 100.0,
+    def __init__(self, *, backbone: nn.Module, feature_dim: int, fce: bool = True, scale: float = 100.0,
                  lr: float = 1e-3) -> None:
-        super().__init__(backbone, feature_dim, lr)
+        super().__init__(backbone=backbone, feature_dim=feature_dim, lr=lr)
         self.save_hyperparameters()
         self.fce, self.scale = fce, scale
         self.support_encoder = SupportEncoder(feature_dim) if fce else None

@@ -38,8 +38,8 @@ class ProtoNet(EpisodicModule):
         backbone, feature_dim, lr: see ``EpisodicModule``.
     """
 
-    def __init__(self, backbone: nn.Module, feature_dim: int, lr: float = 1e-3) -> None:
-        super().__init__(backbone, feature_dim, lr)
+    def __init__(self, *, backbone: nn.Module, feature_dim: int, lr: float = 1e-3) -> None:
+        super().__init__(backbone=backbone, feature_dim=feature_dim, lr=lr)
         self.save_hyperparameters()
 
     def episode_logits(self, support: torch.Tensor, query: torch.Tensor) -> torch.Tensor:

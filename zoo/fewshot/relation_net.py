@@ -58,9 +58,9 @@ class RelationNet(EpisodicModule):
         lr: see ``EpisodicModule``.
     """
 
-    def __init__(self, backbone: nn.Module, feature_channels: int = 64, feature_size: int = 19, loss: str = "mse",
+    def __init__(self, *, backbone: nn.Module, feature_channels: int = 64, feature_size: int = 19, loss: str = "mse",
                  lr: float = 1e-3) -> None:
-        super().__init__(backbone, feature_channels * feature_size * feature_size, lr)
+        super().__init__(backbone=backbone, feature_dim=feature_channels * feature_size * feature_size, lr=lr)
         self.save_hyperparameters()
         if loss not in ("mse", "softmax"):
             raise ValueError(f"loss must be 'mse' or 'softmax', got {loss!r}")

@@ -40,8 +40,8 @@ class SiameseNet(EpisodicModule):
         backbone, feature_dim, lr: see ``EpisodicModule``.
     """
 
-    def __init__(self, backbone: nn.Module, feature_dim: int, lr: float = 1e-3) -> None:
-        super().__init__(backbone, feature_dim, lr)
+    def __init__(self, *, backbone: nn.Module, feature_dim: int, lr: float = 1e-3) -> None:
+        super().__init__(backbone=backbone, feature_dim=feature_dim, lr=lr)
         self.save_hyperparameters()
         self.similarity = WeightedL1Similarity(feature_dim)
 

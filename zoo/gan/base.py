@@ -40,7 +40,7 @@ class UnpairedTranslationModule(L.LightningModule):
             ``max_steps // 2`` when ``trainer.max_steps`` is set.
     """
 
-    def __init__(self, lr: float = 1e-4, betas: tuple[float, float] = (0.5, 0.999), weight_decay: float = 1e-4,
+    def __init__(self, *, lr: float = 1e-4, betas: tuple[float, float] = (0.5, 0.999), weight_decay: float = 1e-4,
                  decay_lr: bool = True, total_iterations: int | None = None) -> None:
         super().__init__()
         self.automatic_optimization = False

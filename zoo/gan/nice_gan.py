@@ -187,12 +187,13 @@ class NICEGAN(UnpairedTranslationModule):
         lr, betas, weight_decay, decay_lr, total_iterations: see ``UnpairedTranslationModule``.
     """
 
-    def __init__(self, in_channels: int = 3, ch: int = 64, n_res: int = 6, n_layers: int = 7, global_extra: int = 2,
+    def __init__(self, *, in_channels: int = 3, ch: int = 64, n_res: int = 6, n_layers: int = 7, global_extra: int = 2,
                  img_size: int = 256, light: bool = False, adv_weight: float = 1.0, cycle_weight: float = 10.0,
                  recon_weight: float = 10.0, unbiased_variance: bool = False, lr: float = 1e-4,
                  betas: Sequence[float] = (0.5, 0.999), weight_decay: float = 1e-4, decay_lr: bool = True,
                  total_iterations: int | None = None) -> None:
-        super().__init__(lr, tuple(betas), weight_decay, decay_lr, total_iterations)
+        super().__init__(lr=lr, betas=tuple(betas), weight_decay=weight_decay, decay_lr=decay_lr,
+                         total_iterations=total_iterations)
         self.save_hyperparameters()
         check_patch_depth(img_size, n_layers - 4 + global_extra,
                           f"the global head (n_layers={n_layers}, global_extra={global_extra})")

@@ -167,13 +167,14 @@ class UGATIT(UnpairedTranslationModule):
         lr, betas, weight_decay, decay_lr, total_iterations: see ``UnpairedTranslationModule``.
     """
 
-    def __init__(self, in_channels: int = 3, ngf: int = 64, ndf: int = 64, n_res: int = 4, n_down: int = 2,
+    def __init__(self, *, in_channels: int = 3, ngf: int = 64, ndf: int = 64, n_res: int = 4, n_down: int = 2,
                  global_layers: int = 7, local_layers: int = 5, img_size: int = 256, light: bool = False,
                  adv_weight: float = 1.0, cycle_weight: float = 10.0, identity_weight: float = 10.0,
                  cam_weight: float = 1000.0, unbiased_variance: bool = False, init_std: float | None = 0.02,
                  lr: float = 1e-4, betas: Sequence[float] = (0.5, 0.999), weight_decay: float = 1e-4,
                  decay_lr: bool = True, total_iterations: int | None = None) -> None:
-        super().__init__(lr, tuple(betas), weight_decay, decay_lr, total_iterations)
+        super().__init__(lr=lr, betas=tuple(betas), weight_decay=weight_decay, decay_lr=decay_lr,
+                         total_iterations=total_iterations)
         self.save_hyperparameters()
         check_patch_depth(img_size, global_layers - 2, f"the global discriminator (global_layers={global_layers})")
         check_patch_depth(img_size, local_layers - 2, f"the local discriminator (local_layers={local_layers})")

@@ -159,6 +159,7 @@ class ECN(L.LightningModule):
 
     def __init__(
         self,
+        *,
         backbone: nn.Module,
         num_classes: int,
         num_target_images: int | None = None,

@@ -1,24 +1,7 @@
-"""Few-shot data: episodic (N-way, K-shot, Q-query) loading of Omniglot, the CloserLook json splits and glyphs.
+"""The few-shot DataModules: episodic loaders over base (train), validation and novel (test) classes.
 
-Every few-shot method in ``zoo/fewshot`` reads the same episode: an ``Episode(support, query, classes)`` with
-``support: (N, K, C, H, W)``, ``query: (N, Q, C, H, W)`` and the split's class ids ``classes: (N,)``. Row ``i`` of
-``support`` and ``query`` is episode class ``i``, so the query labels are implicit:
-``arange(N).repeat_interleave(Q)`` (the class-major layout of CloserLook's ``SetDataset``).
-
-Episodes come from ``EpisodicBatchSampler``, which draws all of its randomness in the main process from an explicit
-``torch.Generator`` (never from worker RNGs, which duplicate episodes across workers: ProtoNet's loader comment) and
-shards episodes across DDP ranks itself:
-
-- training episodes are drawn from a generator seeded with ``(seed, epoch, rank)``, so ranks see different episodes
-  and ``set_epoch`` (Lightning calls it every epoch, see ``EpochBatchSampler``) gives new ones;
-- validation/test episodes are a fixed list, episode ``e`` drawn from a generator seeded with ``(seed, e)`` only, and
-  rank ``r`` runs ``episodes[r::world_size]``: the union over ranks is the same 600 episodes for any world size, so
-  numbers are reproducible (CloserLook draws new validation episodes every epoch, which makes selection noisy).
-
-Baseline/Baseline++ pre-train on plain batches: ``train_mode="batch"`` swaps the training sampler for
-``datamodules.sampler.ClassBalancedBatchSampler``.
-
-On-disk formats:
+``FewShotDataModule`` builds the episodic loaders of ``datamodules.fewshot.episodes`` over a split's images; its
+subclasses read the on-disk formats:
 
 - ``OmniglotDataModule``: ``images_background/`` and ``images_evaluation/`` of brendenlake/omniglot (one folder per
   alphabet, one per character, 20 PNGs each); rotations by multiples of 90° are new classes (Vinyals et al. 2016).
@@ -26,159 +9,35 @@ On-disk formats:
   are novel; or the Vinyals split files ``train.txt``/``val.txt``/``test.txt`` (``Alphabet/characterNN/rotDDD``).
 - ``CloserLookDataModule``: ``base.json``, ``val.json``, ``novel.json`` as written by CloserLook's
   ``write_*_filelist.py`` (``label_names``, ``image_names``, ``image_labels``), for miniImageNet and CUB.
-- ``GlyphsDataModule``: writes a procedural glyph set (``datamodules.generated.fewshot_glyphs``) in Omniglot's layout once, then reads it
-  through ``OmniglotDataModule``.
+- ``GlyphsDataModule``: writes a procedural glyph set (``datamodules.generated.fewshot_glyphs``) in Omniglot's layout
+  once, then reads it through ``OmniglotDataModule``.
+
+Baseline/Baseline++ pre-train on plain batches: ``train_mode="batch"`` swaps the training sampler for
+``datamodules.sampler.ClassBalancedBatchSampler``.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, NamedTuple, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
-from datamodules.base import DatasetNotFoundError, ZooDataModule, read_image, require_path
-from datamodules.classification import IMAGENET_MEAN, IMAGENET_STD
-from datamodules.sampler import ClassBalancedBatchSampler, EpochBatchSampler, dist_rank_world, seeded_generator
+from datamodules.base import IMAGENET_MEAN, IMAGENET_STD, DatasetNotFoundError, ZooDataModule, read_image, require_path
+from datamodules.fewshot.episodes import EpisodeCollate, EpisodeSetting, EpisodicBatchSampler
+from datamodules.sampler import ClassBalancedBatchSampler
 
-__all__ = [
-    "Episode",
-    "EpisodeSetting",
-    "EpisodicBatchSampler",
-    "EpisodeCollate",
-    "FewShotImageDataset",
-    "FewShotDataModule",
-    "OmniglotDataModule",
-    "CloserLookDataModule",
-    "GlyphsDataModule",
-]
-
-
-class Episode(NamedTuple):
-    """One few-shot task; row ``i`` of ``support``/``query`` holds episode class ``i`` (global id ``classes[i]``)."""
-
-    support: torch.Tensor  # (N, K, C, H, W)
-    query: torch.Tensor  # (N, Q, C, H, W)
-    classes: torch.Tensor  # (N,)
-
-
-@dataclass(frozen=True)
-class EpisodeSetting:
-    """An episode shape and how many episodes to draw (per epoch for training; in total for evaluation)."""
-
-    n_way: int = 5
-    k_shot: int = 1
-    n_query: int = 15
-    episodes: int = 600
-
-    @property
-    def name(self) -> str:
-        return f"{self.n_way}way{self.k_shot}shot"
+__all__ = ["FewShotImageDataset", "FewShotDataModule", "OmniglotDataModule", "CloserLookDataModule", "GlyphsDataModule"]
 
 
 def _invert(image: torch.Tensor) -> torch.Tensor:
     return 1.0 - image
-
-
-class EpisodicBatchSampler(EpochBatchSampler):
-    """Yields episodes as lists of ``n_way · (k_shot + n_query)`` dataset indices, class-major.
-
-    For episode class ``j`` the indices ``[j·(K+Q), j·(K+Q)+K)`` are its support, the next ``Q`` its queries; images
-    are drawn without replacement within a class, so support and query never share an image. Classes with fewer than
-    ``K + Q`` images are left out (with a warning).
-
-    Args:
-        labels: class id of every dataset item.
-        n_way, k_shot, n_query: the episode shape.
-        episodes: training: episodes per epoch over all ranks (each rank draws ``episodes // world_size``);
-            ``fixed``: the total number of evaluation episodes, split over ranks as ``[rank::world_size]``.
-        seed: base seed.
-        fixed: evaluation mode (the same episodes every epoch and for every world size).
-        rank, world_size: default to the initialised process group (or 0 and 1).
-    """
-
-    def __init__(
-        self,
-        labels: torch.Tensor | Sequence[int],
-        n_way: int,
-        k_shot: int,
-        n_query: int,
-        episodes: int,
-        seed: int = 0,
-        fixed: bool = False,
-        rank: Optional[int] = None,
-        world_size: Optional[int] = None,
-    ) -> None:
-        labels = torch.as_tensor(labels, dtype=torch.int64)
-        self.n_way, self.k_shot, self.n_query = n_way, k_shot, n_query
-        self.episodes, self.seed, self.fixed = episodes, seed, fixed
-        self.rank, self.world_size = dist_rank_world(rank, world_size)
-        self.epoch = 0
-        classes, counts = labels.unique(return_counts=True)
-        per_class = k_shot + n_query
-        if (counts < per_class).any():
-            rank_zero_warn(f"{int((counts < per_class).sum())} classes have fewer than k_shot + n_query = {per_class} "
-                           "images and are never drawn")
-        self.classes = classes[counts >= per_class]
-        if len(self.classes) < n_way:
-            raise ValueError(f"{n_way}-way episodes need {n_way} classes with ≥ {per_class} images each; the split "
-                             f"has {len(self.classes)}")
-        # members[c, i]: dataset index of the i-th image of class c; padded with -1 up to the largest class
-        order = torch.argsort(labels, stable=True)
-        sorted_labels = labels[order]
-        keep = torch.isin(sorted_labels, self.classes)
-        order, sorted_labels = order[keep], sorted_labels[keep]
-        class_pos = torch.searchsorted(self.classes, sorted_labels)
-        counts = torch.bincount(class_pos, minlength=len(self.classes))
-        starts = torch.cumsum(counts, 0) - counts
-        within = torch.arange(len(order)) - starts[class_pos]
-        self.members = torch.full((len(self.classes), int(counts.max())), -1, dtype=torch.int64)
-        self.members[class_pos, within] = order
-        self.counts = counts
-
-    def __len__(self) -> int:
-        if self.fixed:
-            return len(range(self.rank, self.episodes, self.world_size))
-        return self.episodes // self.world_size
-
-    def _draw(self, generator: torch.Generator) -> list[int]:
-        chosen = torch.randperm(len(self.classes), generator=generator)[: self.n_way]
-        # a random key per member, +inf on padding: the K+Q smallest keys are a uniform draw without replacement
-        keys = torch.rand(self.n_way, self.members.shape[1], generator=generator)
-        keys[self.members[chosen] < 0] = math.inf
-        picks = keys.argsort(dim=1)[:, : self.k_shot + self.n_query]
-        return self.members[chosen].gather(1, picks).flatten().tolist()
-
-    def __iter__(self) -> Iterator[list[int]]:
-        if self.fixed:
-            for episode in range(self.rank, self.episodes, self.world_size):
-                yield self._draw(seeded_generator(self.seed, episode))
-        else:
-            generator = seeded_generator(self.seed, self.epoch, self.rank)
-            for _ in range(len(self)):
-                yield self._draw(generator)
-
-
-class EpisodeCollate:
-    """Stacks an episode's ``N·(K+Q)`` ``(image, label)`` items into an ``Episode``."""
-
-    def __init__(self, n_way: int, k_shot: int, n_query: int) -> None:
-        self.n_way, self.k_shot, self.n_query = n_way, k_shot, n_query
-
-    def __call__(self, items: list[tuple[torch.Tensor, int]]) -> Episode:
-        images = torch.stack([image for image, _ in items])
-        images = images.view(self.n_way, self.k_shot + self.n_query, *images.shape[1:])
-        labels = torch.as_tensor([label for _, label in items]).view(self.n_way, -1)
-        if not (labels == labels[:, :1]).all():
-            raise RuntimeError("episode rows mix classes: the sampler and collate disagree on the episode shape")
-        return Episode(images[:, : self.k_shot], images[:, self.k_shot :], labels[:, 0])
 
 
 class FewShotImageDataset(Dataset):
@@ -247,6 +106,7 @@ class FewShotDataModule(ZooDataModule):
 
     def __init__(
         self,
+        *,
         image_size: int = 84,
         channels: int = 3,
         train_episodes: EpisodeSetting = EpisodeSetting(5, 5, 16, 100),
@@ -260,7 +120,7 @@ class FewShotDataModule(ZooDataModule):
         num_workers: int = 0,
         pin_memory: bool = False,
     ) -> None:
-        super().__init__(batch_size, None, num_workers, pin_memory)
+        super().__init__(batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory)
         if channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {channels}")
         if train_mode not in ("episodic", "batch"):
@@ -333,10 +193,6 @@ class FewShotDataModule(ZooDataModule):
     def setup(self, stage: Optional[str] = None) -> None:
         if self.datasets:
             return
-        trainer = getattr(self, "trainer", None)
-        if trainer is not None and trainer.world_size > 1 and trainer._accelerator_connector.use_distributed_sampler:
-            raise RuntimeError("few-shot samplers shard episodes across ranks themselves: set "
-                               "`trainer.use_distributed_sampler: false` (the few-shot configs do)")
         self.splits = self.read_splits()
         files = sorted({p for s in self.splits.values() for paths in s.class_files for p in paths})
         missing = [p for p in files if not p.is_file()]
@@ -358,18 +214,25 @@ class FewShotDataModule(ZooDataModule):
 
     def _episodic_loader(self, dataset: FewShotImageDataset, setting: EpisodeSetting, fixed: bool,
                          seed: int) -> DataLoader:
+        """Training episodes (resumable, new every epoch) or a fixed evaluation list, sharded over ranks."""
+        rank, world = self._world()
         sampler = EpisodicBatchSampler(dataset.labels, setting.n_way, setting.k_shot, setting.n_query,
-                                       setting.episodes, seed=seed, fixed=fixed)
-        return DataLoader(dataset, batch_sampler=sampler, collate_fn=EpisodeCollate(setting.n_way, setting.k_shot,
-                          setting.n_query), num_workers=self.num_workers, pin_memory=self.pin_memory,
-                          persistent_workers=self.num_workers > 0)
+                                       setting.episodes, seed=seed, fixed=fixed, rank=rank, world_size=world)
+        collate = EpisodeCollate(setting.n_way, setting.k_shot, setting.n_query)
+        if not fixed:
+            return self.batch_sampler_loader(dataset, sampler, collate_fn=collate)
+        self._check_sampler_setting()
+        return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=self.num_workers,
+                          pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
+        dataset = self._require(self.train_set, "training")
         if self.train_mode == "batch":
-            sampler = ClassBalancedBatchSampler(self.train_set.labels, self.batch_size, seed=self.seed)
-            return DataLoader(self.train_set, batch_sampler=sampler, num_workers=self.num_workers,
-                              pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0)
-        return self._episodic_loader(self.train_set, self.train_episodes, fixed=False, seed=self.seed)
+            rank, world = self._world()
+            sampler = ClassBalancedBatchSampler(dataset.labels, self.batch_size, seed=self.seed, rank=rank,
+                                                world_size=world)
+            return self.batch_sampler_loader(dataset, sampler)
+        return self._episodic_loader(dataset, self.train_episodes, fixed=False, seed=self.seed)
 
     def val_dataloader(self) -> DataLoader:
         return self._episodic_loader(self.val_set, self.val_episodes, fixed=True, seed=self.seed + 1)
@@ -396,13 +259,16 @@ class OmniglotDataModule(FewShotDataModule):
         rotations: rotations (degrees, multiples of 90) that make new classes (Vinyals et al.: 0, 90, 180, 270).
         val_alphabets: the last (sorted) background alphabets held out as validation classes.
         split_dir: folder with the Vinyals split files; overrides the background/evaluation split.
-        image_size, channels, ...: see ``FewShotDataModule`` (defaults: 28×28 grey, cached in memory).
+        image_size, channels, train_episodes, val_episodes, test_episodes, cache: 28×28 grey, cached in memory,
+            5-way 5-shot training, 5-way 1-shot validation, 5-way 1- and 5-shot and 20-way 1-shot tests.
+        **kwargs: see ``FewShotDataModule``.
     """
 
     invert = True
 
     def __init__(
         self,
+        *,
         root: str = "data/omniglot",
         rotations: Sequence[int] = (0, 90, 180, 270),
         val_alphabets: int = 5,
@@ -413,16 +279,11 @@ class OmniglotDataModule(FewShotDataModule):
         val_episodes: EpisodeSetting = EpisodeSetting(5, 1, 15, 200),
         test_episodes: Sequence[EpisodeSetting] = (EpisodeSetting(5, 1, 15, 600), EpisodeSetting(5, 5, 15, 600),
                                                    EpisodeSetting(20, 1, 15, 600)),
-        train_mode: str = "episodic",
-        augment: bool = False,
         cache: bool = True,
-        seed: int = 0,
-        batch_size: int = 16,
-        num_workers: int = 0,
-        pin_memory: bool = False,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(image_size, channels, train_episodes, val_episodes, test_episodes, train_mode, augment,
-                         cache, seed, batch_size, num_workers, pin_memory)
+        super().__init__(image_size=image_size, channels=channels, train_episodes=train_episodes,
+                         val_episodes=val_episodes, test_episodes=test_episodes, cache=cache, **kwargs)
         if any(r % 90 for r in rotations) or not rotations:
             raise ValueError(f"rotations must be multiples of 90 degrees, got {list(rotations)}")
         self.root, self.rotations = Path(root), [int(r) % 360 for r in rotations]
@@ -489,29 +350,23 @@ class CloserLookDataModule(FewShotDataModule):
 
     Args:
         root: folder holding ``base.json``, ``val.json`` and ``novel.json``.
-        image_size, channels, ...: see ``FewShotDataModule`` (defaults: 84×84 RGB with ImageNet normalisation).
+        channels, augment, num_workers, pin_memory: 84×84 RGB with ImageNet normalisation and augmentation.
+        **kwargs: see ``FewShotDataModule``.
     """
 
     mean, std = IMAGENET_MEAN, IMAGENET_STD
 
     def __init__(
         self,
+        *,
         root: str = "data/miniImagenet",
-        image_size: int = 84,
         channels: int = 3,
-        train_episodes: EpisodeSetting = EpisodeSetting(5, 5, 16, 100),
-        val_episodes: EpisodeSetting = EpisodeSetting(5, 5, 15, 100),
-        test_episodes: Sequence[EpisodeSetting] = (EpisodeSetting(5, 1, 15, 600), EpisodeSetting(5, 5, 15, 600)),
-        train_mode: str = "episodic",
         augment: bool = True,
-        cache: bool = False,
-        seed: int = 0,
-        batch_size: int = 16,
         num_workers: int = 4,
         pin_memory: bool = True,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(image_size, channels, train_episodes, val_episodes, test_episodes, train_mode, augment,
-                         cache, seed, batch_size, num_workers, pin_memory)
+        super().__init__(channels=channels, augment=augment, num_workers=num_workers, pin_memory=pin_memory, **kwargs)
         self.root = Path(root)
         if channels == 1:
             self.mean, self.std = None, None
@@ -547,11 +402,13 @@ class GlyphsDataModule(OmniglotDataModule):
         root: where the glyph set is written.
         background_alphabets, evaluation_alphabets, characters_per_alphabet, drawers, glyph_seed: the generator's
             parameters (see ``datamodules.generated.fewshot_glyphs.write_glyph_omniglot``).
-        rotations, val_alphabets, ...: see ``OmniglotDataModule``.
+        rotations, val_alphabets: see ``OmniglotDataModule`` (one rotation, the last 4 background alphabets).
+        **kwargs: see ``OmniglotDataModule`` and ``FewShotDataModule``.
     """
 
     def __init__(
         self,
+        *,
         root: str = "data/glyphs",
         background_alphabets: int = 24,
         evaluation_alphabets: int = 8,
@@ -560,21 +417,9 @@ class GlyphsDataModule(OmniglotDataModule):
         glyph_seed: int = 0,
         rotations: Sequence[int] = (0,),
         val_alphabets: int = 4,
-        image_size: int = 28,
-        channels: int = 1,
-        train_episodes: EpisodeSetting = EpisodeSetting(5, 5, 15, 100),
-        val_episodes: EpisodeSetting = EpisodeSetting(5, 1, 15, 200),
-        test_episodes: Sequence[EpisodeSetting] = (EpisodeSetting(5, 1, 15, 600), EpisodeSetting(5, 5, 15, 600),
-                                                   EpisodeSetting(20, 1, 15, 600)),
-        train_mode: str = "episodic",
-        cache: bool = True,
-        seed: int = 0,
-        batch_size: int = 16,
-        num_workers: int = 0,
-        pin_memory: bool = False,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(root, rotations, val_alphabets, None, image_size, channels, train_episodes, val_episodes,
-                         test_episodes, train_mode, False, cache, seed, batch_size, num_workers, pin_memory)
+        super().__init__(root=root, rotations=rotations, val_alphabets=val_alphabets, **kwargs)
         self.glyph_args = dict(background_alphabets=background_alphabets, evaluation_alphabets=evaluation_alphabets,
                                characters_per_alphabet=characters_per_alphabet, drawers=drawers, seed=glyph_seed)
 
