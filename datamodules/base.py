@@ -165,9 +165,11 @@ class ZooDataModule(L.LightningDataModule):
     # ---- the pieces every loader is built from ----------------------------------------------------------------------
 
     def _world(self) -> tuple[int, int]:
-        """``(rank, world_size)`` of this process: from the trainer, else from ``torch.distributed``, else ``(0, 1)``."""
+        """``(rank, world_size)`` of this process, for sharding: from the trainer (which must not shard as well), else
+        from ``torch.distributed``, else ``(0, 1)``."""
         trainer = getattr(self, "trainer", None)
         if trainer is not None:
+            self._check_sampler_setting()
             return trainer.global_rank, trainer.world_size
         return dist_rank_world(None, None)
 

@@ -174,7 +174,6 @@ class SemiSupervisedDataModule(ZooDataModule):
         raise NotImplementedError(f"{type(self).__name__} must implement eval_transform()")
 
     def setup(self, stage: Optional[str] = None) -> None:
-        self._check_sampler_setting()
         if self.test_set is not None:
             return
         images, targets = self._load("train")

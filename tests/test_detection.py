@@ -232,12 +232,12 @@ def two_images():
 
 
 DETECTORS = {
-    "atss": lambda: ATSS(tiny_neck(), 10, num_convs=1, num_groups=8, anchor_scale=4, optimizer="adamw", lr=2e-3),
-    "gfl": lambda: GFL(tiny_neck(), 10, reg_max=8, num_convs=1, num_groups=8, anchor_scale=4, optimizer="adamw", lr=2e-3),
-    "rfcn": lambda: RFCN(StridedConvFeatures(widths=(8, 16, 32, 32, 32), out_indices=(3, 4), output_stride=8), 10, k=3,
+    "atss": lambda: ATSS(neck=tiny_neck(), num_classes=10, num_convs=1, num_groups=8, anchor_scale=4, optimizer="adamw", lr=2e-3),
+    "gfl": lambda: GFL(neck=tiny_neck(), num_classes=10, reg_max=8, num_convs=1, num_groups=8, anchor_scale=4, optimizer="adamw", lr=2e-3),
+    "rfcn": lambda: RFCN(body=StridedConvFeatures(widths=(8, 16, 32, 32, 32), out_indices=(3, 4), output_stride=8), num_classes=10, k=3,
                          hidden_channels=32, anchor_sizes=(16, 32, 64), rpn_post_nms=100, rois_per_image=32,
                          optimizer="adamw", lr=2e-3),
-    "fcos": lambda: TorchvisionFCOS(tiny_neck(), 10, num_convs=1, optimizer="adamw", lr=2e-3),
+    "fcos": lambda: TorchvisionFCOS(neck=tiny_neck(), num_classes=10, num_convs=1, optimizer="adamw", lr=2e-3),
 }
 
 

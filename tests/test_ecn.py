@@ -10,7 +10,7 @@ from zoo.reid.ecn import ECN, ExemplarMemory, invariance_loss, neighbourhood_tar
 
 def small_ecn(**kwargs) -> ECN:
     kwargs.setdefault("num_target_images", 10)
-    return ECN(ConvNet(3, widths=[8, 16]), num_classes=4, embedding_dim=12, **kwargs)
+    return ECN(backbone=ConvNet(3, widths=[8, 16]), num_classes=4, embedding_dim=12, **kwargs)
 
 
 def test_memory_update_formula_untouched_rows_and_unit_norm():
@@ -121,7 +121,7 @@ def test_neighbourhood_loss_starts_at_epoch_five_and_alpha_follows_epoch():
 
 def test_frozen_stages_have_no_grad_and_keep_bn_statistics_and_lr_groups():
     backbone = TimmBackbone("resnet18")
-    model = ECN(backbone, num_classes=3, num_target_images=8, embedding_dim=16,
+    model = ECN(backbone=backbone, num_classes=3, num_target_images=8, embedding_dim=16,
                 frozen_modules=["model.conv1", "model.bn1", "model.layer1", "model.layer2"])
     frozen = [p for n, p in model.backbone.named_parameters() if n.startswith(("model.conv1", "model.bn1", "model.layer1", "model.layer2"))]
     assert frozen and not any(p.requires_grad for p in frozen)
@@ -151,7 +151,7 @@ def test_frozen_stages_have_no_grad_and_keep_bn_statistics_and_lr_groups():
 
 def test_bad_frozen_module_name_is_a_clear_error():
     with pytest.raises(ValueError, match="not submodules"):
-        ECN(ConvNet(3, widths=[8]), num_classes=2, frozen_modules=["layer9"])
+        ECN(backbone=ConvNet(3, widths=[8]), num_classes=2, frozen_modules=["layer9"])
 
 
 def _ddp_update(rank, world, init_file, embedding, indices, out):

@@ -38,7 +38,7 @@ def _episode(n_way=3, k_shot=2, n_query=4, dim=5, seed=0):
 
 def test_protonet_logits_are_negative_squared_distances_to_hand_computed_means():
     support, query = _episode()
-    model = ProtoNet(Flat(), feature_dim=5).double()
+    model = ProtoNet(backbone=Flat(), feature_dim=5).double()
     logits = model.episode_logits(support, query)
     zs, zq = support.flatten(2), query.flatten(0, 1).flatten(1)
     means = [zs[k].sum(0) / 2 for k in range(3)]
@@ -51,7 +51,7 @@ def test_protonet_logits_are_negative_squared_distances_to_hand_computed_means()
 
 def test_matching_net_without_fce_is_softmax_over_scaled_cosines_and_ignores_support_order():
     support, query = _episode()
-    model = MatchingNet(Flat(), feature_dim=5, fce=False).double()
+    model = MatchingNet(backbone=Flat(), feature_dim=5, fce=False).double()
     log_p = model.episode_logits(support, query)
     zs, zq = support.flatten(0, 1).flatten(1), query.flatten(0, 1).flatten(1)
     cos = F.cosine_similarity(zq[:, None], zs[None], dim=-1)
@@ -61,16 +61,16 @@ def test_matching_net_without_fce_is_softmax_over_scaled_cosines_and_ignores_sup
     assert torch.allclose(expected.sum(1), torch.ones(12, dtype=torch.float64))
     shuffled = support[:, [1, 0]]  # swap the shots inside every class
     assert torch.allclose(model.episode_logits(shuffled, query), log_p)
-    fce = MatchingNet(Flat(), feature_dim=5, fce=True).double()  # the BiLSTM reads the support as a sequence
+    fce = MatchingNet(backbone=Flat(), feature_dim=5, fce=True).double()  # the BiLSTM reads the support as a sequence
     assert not torch.allclose(fce.episode_logits(shuffled, query), fce.episode_logits(support, query))
 
 
 def test_relation_net_shapes_and_mse_loss_against_one_hot():
     backbone = ConvNet(3, num_pools=2, padding=[0, 0, 1, 1])
     assert backbone(torch.zeros(1, 3, 84, 84)).shape == (1, 64, 19, 19)
-    model = RelationNet(backbone, feature_channels=64, feature_size=19)
+    model = RelationNet(backbone=backbone, feature_channels=64, feature_size=19)
     assert model.relation.convs[0].in_channels == 128 and model.relation.fc[0].in_features == 64 * 3 * 3
-    omniglot = RelationNet(ConvNet(1, num_pools=2, padding=[0, 0, 1, 1]), feature_channels=64, feature_size=5)
+    omniglot = RelationNet(backbone=ConvNet(1, num_pools=2, padding=[0, 0, 1, 1]), feature_channels=64, feature_size=5)
     support, query = torch.randn(4, 2, 1, 28, 28), torch.randn(4, 3, 1, 28, 28)
     scores = omniglot.episode_logits(support, query)
     assert scores.shape == (12, 4) and (scores > 0).all() and (scores < 1).all()
@@ -82,7 +82,7 @@ def test_relation_net_shapes_and_mse_loss_against_one_hot():
 
 def test_siamese_similarity_is_symmetric_and_classifies_by_it():
     torch.manual_seed(0)
-    model = SiameseNet(Flat(), feature_dim=5).double()
+    model = SiameseNet(backbone=Flat(), feature_dim=5).double()
     a, b = torch.randn(4, 5, dtype=torch.float64), torch.randn(6, 5, dtype=torch.float64)
     assert torch.allclose(model.similarity(a, b), model.similarity(b, a).T)
     support, query = _episode()
@@ -167,7 +167,7 @@ def test_second_order_maml_matches_the_quadratic_closed_form():
 
 def test_maml_adaptation_reduces_support_loss_and_never_mutates_the_model():
     torch.manual_seed(0)
-    model = MAML(ConvNet(1, widths=[8, 8]), feature_dim=8 * 7 * 7, n_way=3, inner_lr=0.1, inner_steps=5)
+    model = MAML(backbone=ConvNet(1, widths=[8, 8]), feature_dim=8 * 7 * 7, n_way=3, inner_lr=0.1, inner_steps=5)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     assert not any("running_mean" in k for k in before)  # transductive BN: no running statistics
     support = torch.randn(3, 2, 1, 28, 28)
@@ -357,7 +357,7 @@ def _trainer(tmp_path, **kwargs):
 def test_baseline_finetunes_a_head_inside_test_without_touching_the_backbone(tmp_path):
     write_omniglot(tmp_path / "omniglot")
     dm = _omniglot_dm(tmp_path / "omniglot", train_mode="batch", batch_size=8)
-    model = Baseline(ConvNet(1), feature_dim=64, num_classes=16, classifier="cosine", finetune_epochs=5)
+    model = Baseline(backbone=ConvNet(1), feature_dim=64, num_classes=16, classifier="cosine", finetune_epochs=5)
     trainer = _trainer(tmp_path)
     trainer.fit(model, dm)
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -371,11 +371,11 @@ def test_baseline_finetunes_a_head_inside_test_without_touching_the_backbone(tmp
 def test_every_method_trains_validates_and_tests_on_omniglot_layout(tmp_path):
     write_omniglot(tmp_path / "omniglot")
     methods = {
-        "protonet": ProtoNet(ConvNet(1), 64),
-        "matching": MatchingNet(ConvNet(1), 64),
-        "relation": RelationNet(ConvNet(1, num_pools=2, padding=[0, 0, 1, 1]), 64, 5),
-        "siamese": SiameseNet(ConvNet(1), 64),
-        "maml": MAML(ConvNet(1), 64, n_way=3, inner_steps=2, tasks_per_step=2),
+        "protonet": ProtoNet(backbone=ConvNet(1), feature_dim=64),
+        "matching": MatchingNet(backbone=ConvNet(1), feature_dim=64),
+        "relation": RelationNet(backbone=ConvNet(1, num_pools=2, padding=[0, 0, 1, 1]), feature_channels=64, feature_size=5),
+        "siamese": SiameseNet(backbone=ConvNet(1), feature_dim=64),
+        "maml": MAML(backbone=ConvNet(1), feature_dim=64, n_way=3, inner_steps=2, tasks_per_step=2),
     }
     for name, model in methods.items():
         trainer = _trainer(tmp_path / name)

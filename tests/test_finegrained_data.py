@@ -260,7 +260,7 @@ def test_listed_image_missing_on_disk_is_named(tmp_path):
     ("StanfordCarsDataModule", "cars_test_annos_withlabels.mat"),
 ])
 def test_missing_root_names_path_and_layout(tmp_path, module, expected):
-    dm = getattr(fg, module)(str(tmp_path / "nowhere"), **SMALL)
+    dm = getattr(fg, module)(root=str(tmp_path / "nowhere"), **SMALL)
     with pytest.raises(DatasetNotFoundError) as err:
         dm.setup("fit")
     message = str(err.value)
@@ -301,9 +301,12 @@ def test_balanced_loader_gives_p_classes_by_k_images(tmp_path):
 def test_balanced_sampler_under_ddp_needs_use_distributed_sampler_false(tmp_path):
     write_cub(tmp_path)
     dm = fg.CUBDataModule(root=str(tmp_path), classes_per_batch=2, **SMALL)
-    dm.trainer = SimpleNamespace(world_size=2, _accelerator_connector=SimpleNamespace(use_distributed_sampler=True))
-    with pytest.raises(RuntimeError, match="use_distributed_sampler: false"):
-        dm.setup("fit")
+    dm.setup("fit")
+    dm.trainer = SimpleNamespace(world_size=2, global_rank=0, current_epoch=0,
+                                 _accelerator_connector=SimpleNamespace(use_distributed_sampler=True))
+    for loader in (dm.train_dataloader, dm.val_dataloader):
+        with pytest.raises(RuntimeError, match="use_distributed_sampler: false"):
+            loader()
 
 
 def test_val_fraction_holds_out_per_class_disjoint_and_seeded(tmp_path):

@@ -6,7 +6,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from zoo.gan.evaluation import kernel_inception_distance
-from zoo.gan.layers import (ILN, AdaILN, ClassActivationAttention, clip_rho_, half_then_linear_decay,
+from zoo.schedules import half_then_linear_decay
+from zoo.gan.layers import (ILN, AdaILN, ClassActivationAttention, clip_rho_,
                             legacy_spectral_norm_state_dict, lsgan_d_loss, lsgan_g_loss)
 from zoo.gan.nice_gan import NICEGAN, NICEDiscriminator
 from zoo.gan.ugatit import UGATIT, UGATITDiscriminator, UGATITGenerator

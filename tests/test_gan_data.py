@@ -229,9 +229,11 @@ def test_the_module_refuses_lightnings_distributed_sampler(tmp_path):
         _accelerator_connector = Connector()
 
     dm = _dm(_unpaired(tmp_path))
+    dm.setup("fit")
     dm.trainer = Trainer()
-    with pytest.raises(RuntimeError, match="use_distributed_sampler: false"):
-        dm.setup("fit")
+    for loader in (dm.train_dataloader, dm.val_dataloader):
+        with pytest.raises(RuntimeError, match="use_distributed_sampler: false"):
+            loader()
 
 
 def test_dataset_without_transform_returns_the_pil_image(tmp_path):

@@ -181,7 +181,7 @@ def test_warmup_cosine_schedule():
 def test_single_network_methods_train_and_log_their_diagnostics(cls):
     L.seed_everything(0)
     labeled, unlabeled = _random_data()
-    model = cls(_small_backbone(), num_classes=3, lr=0.1)
+    model = cls(backbone=_small_backbone(), num_classes=3, lr=0.1)
     logged = {}
 
     class Capture(L.Callback):

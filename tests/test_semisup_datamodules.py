@@ -5,9 +5,10 @@ import pytest
 import torch
 
 from datamodules.base import DatasetNotFoundError
+from datamodules.digits import TensorImageDataset
 from datamodules.semisup import (
     CIFAR10SemiSupDataModule, Cutout, DigitsSemiSupDataModule, STL10SemiSupDataModule,
-    SVHNSemiSupDataModule, TwoViewDataset, ImageTensorDataset, labeled_split,
+    SVHNSemiSupDataModule, TwoViewDataset, labeled_split,
 )
 
 
@@ -29,7 +30,7 @@ def test_cutout_zeroes_one_square_and_two_views_differ():
     assert 4 <= zeros <= 16 and image.min() == 1  # clipped at a border it can be smaller; the input is untouched
     rows, cols = torch.nonzero(cut[0] == 0, as_tuple=True)
     assert (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1) == zeros  # one rectangle
-    base = ImageTensorDataset(torch.rand(3, 1, 16, 16), torch.tensor([0, 1, 2]))
+    base = TensorImageDataset(torch.rand(3, 1, 16, 16), torch.tensor([0, 1, 2]))
     (weak, strong), target = TwoViewDataset(base, lambda x: x, lambda x: Cutout(0.5)(x))[1]
     assert target == 1 and torch.equal(weak, base.images[1]) and not torch.equal(weak, strong)
 
@@ -127,12 +128,14 @@ def test_stl10_binaries_load_with_unlabeled_targets_minus_one_and_folds(tmp_path
 
 def test_ddp_without_disabling_lightnings_sampler_is_refused():
     class FakeTrainer:
-        world_size, global_rank = 2, 0
+        world_size, global_rank, current_epoch = 2, 0, 0
 
         class _accelerator_connector:
             use_distributed_sampler = True
 
     data = DigitsSemiSupDataModule()
+    data.setup()
     data.trainer = FakeTrainer()
-    with pytest.raises(RuntimeError, match="use_distributed_sampler: false"):
-        data.setup()
+    for loader in (data.train_dataloader, data.test_dataloader):
+        with pytest.raises(RuntimeError, match="use_distributed_sampler: false"):
+            loader()

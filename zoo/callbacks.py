@@ -197,10 +197,11 @@ class LastCheckpoint(ModelCheckpoint):
             return
         _set_rng_states(states)
         loaders = CombinedLoader(trainer.train_dataloader).flattened if trainer.train_dataloader is not None else []
-        if any(getattr(loader, "resumes_mid_epoch", None) is False for loader in loaders):
-            # Resuming at an epoch's start: the interrupted run would now create the epoch's loader iterators, each
-            # drawing its worker base seed from torch's RNG (torch.utils.data's _BaseDataLoaderIter; persistent
-            # workers draw nothing after the first epoch). This run created them before the restore: draw again.
+        if not any(getattr(loader, "resumes_mid_epoch", False) for loader in loaders):
+            # Resuming at an epoch's start (the zoo's loaders say when they resume inside one): the interrupted run
+            # would now create the epoch's loader iterators, each drawing its worker base seed from torch's RNG
+            # (torch.utils.data's _BaseDataLoaderIter; persistent workers draw nothing after their first epoch).
+            # This run created them before the restore: draw again.
             for loader in loaders:
                 if isinstance(loader, DataLoader) and not (loader.persistent_workers and loader.num_workers > 0):
                     torch.empty((), dtype=torch.int64).random_(generator=loader.generator)

@@ -72,7 +72,9 @@ class SemiSupervisedClassifier(ClassificationModule):
         """The evaluated model: the EMA of the network when ``ema_decay`` is set, else the network."""
         return self.ema(images) if self.ema is not None else self.network(images)
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # Right after the step, before any callback (a checkpoint) sees the weights of this step.
         if self.ema is not None:
             self.ema.update(self.network)
 
