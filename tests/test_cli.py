@@ -82,3 +82,22 @@ def test_real_data_configs_fast_dev_run_on_format_fixtures(name, tmp_path):
                  "--trainer.precision=32-true", *extra])  # fp16/bf16 autocast is a GPU setting; CPU runs fp32 here
     assert cli.trainer.global_step == 1  # one real optimizer step on the fixture batch
     assert cli.model.hparams.num_classes == cli.datamodule.num_classes == 10
+
+
+@pytest.mark.parametrize("form", ["equals", "separate", "yaml-flow"])
+def test_a_callbacks_override_replaces_the_configs_callbacks(form):
+    # digits.yaml lists CAMLogger(num_images=8) and PixelBaselines; the override keeps one CAMLogger with 4 images.
+    value = ('[{"class_path": "zoo.classification.cam.CAMLogger", "init_args": {"num_images": 4}}]'
+             if form != "yaml-flow" else "[{class_path: zoo.classification.cam.CAMLogger, init_args: {num_images: 4}}]")
+    override = ["--trainer.callbacks", value] if form == "separate" else [f"--trainer.callbacks={value}"]
+    cli = ZooCLI(args=["-c", str(DIGITS), "--trainer.logger=false", *override], run=False)
+    names = [type(c).__name__ for c in cli.trainer.callbacks]
+    assert names.count("CAMLogger") == 1 and "PixelBaselines" not in names
+    assert next(c for c in cli.trainer.callbacks if type(c).__name__ == "CAMLogger").num_images == 4
+    assert names.count("LearningRateLogger") == 1  # the CLI's own default, added once
+
+
+def test_lightnings_distributed_sampler_is_off_by_default_and_no_config_repeats_it():
+    cli = ZooCLI(args=["-c", str(DIGITS), "--trainer.logger=false"], run=False)
+    assert cli.trainer._accelerator_connector.use_distributed_sampler is False
+    assert not [c.name for c in CONFIGS if "use_distributed_sampler" in c.read_text()]
