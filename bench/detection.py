@@ -167,7 +167,7 @@ def bench_rfcn(args: argparse.Namespace, device: torch.device) -> None:
     print(f"\n## 1. R-FCN vs torchvision Faster R-CNN (C4), {args.backbone}, {height}×{width}, batch 1, "
           f"{classes} classes, 300 proposals, eval, no_grad")
     torch.manual_seed(0)
-    rfcn = RFCN(TimmFeatures(args.backbone, out_indices=[3, 4], output_stride=16), classes, k=7,
+    rfcn = RFCN(body=TimmFeatures(args.backbone, out_indices=[3, 4], output_stride=16), num_classes=classes, k=7,
                 hidden_channels=1024, anchor_sizes=(128, 256, 512), anchor_ratios=(0.5, 1.0, 2.0),
                 rpn_pre_nms=6000, rpn_post_nms=300, rpn_nms_threshold=0.7, size_divisible=16,
                 score_threshold=args.score_threshold, nms_threshold=0.3, max_detections=100)
@@ -344,9 +344,9 @@ def bench_train(args: argparse.Namespace, device: torch.device) -> None:
     targets = [{"boxes": random_boxes(5, height, width, 16, 0.9 * min(height, width), g, log_uniform=True).to(device),
                 "labels": torch.randint(0, classes, (5,), generator=g).to(device)} for _ in range(args.batch)]
     builders = {
-        "FCOS (torchvision)": lambda: TorchvisionFCOS(dense_neck(args.backbone), classes, num_convs=4),
-        "ATSS": lambda: ATSS(dense_neck(args.backbone), classes, num_convs=4, anchor_scale=8.0),
-        "GFL": lambda: GFL(dense_neck(args.backbone), classes, reg_max=16, num_convs=4, anchor_scale=8.0),
+        "FCOS (torchvision)": lambda: TorchvisionFCOS(neck=dense_neck(args.backbone), num_classes=classes, num_convs=4),
+        "ATSS": lambda: ATSS(neck=dense_neck(args.backbone), num_classes=classes, num_convs=4, anchor_scale=8.0),
+        "GFL": lambda: GFL(neck=dense_neck(args.backbone), num_classes=classes, reg_max=16, num_convs=4, anchor_scale=8.0),
     }
     results = {}
     for name, build in builders.items():

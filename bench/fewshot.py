@@ -251,7 +251,7 @@ def zoo_run(dataset: EpisodeData, state: dict, opts, device: torch.device, seed:
     partner = EasyfslLoop(dataset, state, opts, device, seed, total) if interleave else None
     timer = Interleave(partner, device) if interleave else EpisodeTimer(opts.warmup, device)
     torch.manual_seed(seed)
-    model = ProtoNet(conv4(state), feature_dim=FEATURE_DIM, lr=1e-3)
+    model = ProtoNet(backbone=conv4(state), feature_dim=FEATURE_DIM, lr=1e-3)
     trainer = L.Trainer(max_steps=total, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, limit_val_batches=0, accelerator=device.type, devices=1,
                         callbacks=[timer], default_root_dir=root)
@@ -299,7 +299,7 @@ def cross_check(dataset: EpisodeData, state: dict, opts) -> list[str]:
     from zoo.fewshot.protonet import ProtoNet
 
     support, query, _ = next(iter(zoo_loader(dataset, opts, 1, SEED + 7)))
-    zoo = ProtoNet(conv4(state), feature_dim=FEATURE_DIM)
+    zoo = ProtoNet(backbone=conv4(state), feature_dim=FEATURE_DIM)
     efsl = PrototypicalNetworks(nn.Sequential(conv4(state), nn.Flatten()))
     support_labels = torch.arange(opts.n_way).repeat_interleave(opts.k_shot)  # row i of the episode is class i
     lines = []
@@ -399,7 +399,7 @@ def maml_child(spec: dict) -> dict:
     support_all, query_all = episodes["support"].to(device), episodes["query"].to(device)
     state = conv4_state()
     torch.manual_seed(SEED)
-    model = MAML(conv4(state), FEATURE_DIM, n_way=support_all.shape[1], inner_lr=MAML_INNER_LR,
+    model = MAML(backbone=conv4(state), feature_dim=FEATURE_DIM, n_way=support_all.shape[1], inner_lr=MAML_INNER_LR,
                  inner_steps=spec["inner_steps"], first_order=spec["first_order"], tasks_per_step=1).to(device).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     targets = query_targets(query_all.shape[1], query_all.shape[2], device)

@@ -63,7 +63,7 @@ def raw_run(steps: int, warmup: int) -> float:
     torch.manual_seed(0)
     dm = DigitsDataModule(image_size=64, channels=3, batch_size=32)
     dm.setup("fit")
-    model = ImageClassifier(TimmBackbone("resnet18", in_chans=3), num_classes=10).train()
+    model = ImageClassifier(backbone=TimmBackbone("resnet18", in_chans=3), num_classes=10).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.003, weight_decay=0.0005)
     criterion = torch.nn.CrossEntropyLoss()
     step, start = 0, None

@@ -122,9 +122,9 @@ def main() -> None:
     b, u = args.batch, args.mu * args.batch
     total = b + 2 * u
 
-    plain = time_steps(SemiSupervisedClassifier(WideResNet(), 10), total, 1, args.steps, args.warmup, args.device)
-    uda = time_steps(UDA(WideResNet(), 10), b, u, args.steps, args.warmup, args.device)
-    mpl = time_steps(MetaPseudoLabels(WideResNet(), 10), b, u, args.steps, args.warmup, args.device,
+    plain = time_steps(SemiSupervisedClassifier(backbone=WideResNet(), num_classes=10), total, 1, args.steps, args.warmup, args.device)
+    uda = time_steps(UDA(backbone=WideResNet(), num_classes=10), b, u, args.steps, args.warmup, args.device)
+    mpl = time_steps(MetaPseudoLabels(backbone=WideResNet(), num_classes=10), b, u, args.steps, args.warmup, args.device,
                      optimizer_steps_per_batch=2)
     aug = augmentation_ms(b, args.mu)
 

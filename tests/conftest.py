@@ -9,6 +9,16 @@ ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "configs" / "classification" / "digits.yaml"
 
 
+def pytest_configure(config):
+    # Under pytest-xdist every worker is one process of a few, on a machine with few cores: one torch thread each
+    # (and in the processes the tests start) runs the suite faster than workers fighting over the cores.
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(1)
+        os.environ["OMP_NUM_THREADS"] = "1"
+
+
 @pytest.fixture(autouse=True)
 def _offline_wandb(monkeypatch, tmp_path):
     monkeypatch.setenv("WANDB_MODE", "offline")

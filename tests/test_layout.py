@@ -105,3 +105,23 @@ def test_data_families_are_named_after_model_families():
     data = {p.stem for p in (ROOT / "datamodules").iterdir()
             if (p.suffix == ".py" or (p / "__init__.py").exists()) and p.stem not in shared} - {"generated"}
     assert data <= model_families, data - model_families
+
+
+def test_the_worked_example_of_adding_a_paper_trains(tmp_path):
+    """docs/adding_a_paper.md's FixMatch block is real code: it builds on the base and trains a few steps."""
+    import re
+    import types
+
+    import lightning as L
+
+    from datamodules.semisup import DigitsSemiSupDataModule
+    from zoo.backbones import ConvNet
+
+    text = (ROOT / "docs" / "adding_a_paper.md").read_text()
+    module = types.ModuleType("fixmatch")
+    exec(compile(re.search(r"```python\n(.*?)```", text, re.S).group(1), "adding_a_paper.md", "exec"), module.__dict__)
+    model = module.FixMatch(backbone=ConvNet(1, widths=[8, 16], num_pools=2), num_classes=10, threshold=0.2)
+    trainer = L.Trainer(max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path)
+    trainer.fit(model, datamodule=DigitsSemiSupDataModule(batch_size=8, mu=2))
+    assert trainer.global_step == 3 and "train/mask_rate" in trainer.callback_metrics

@@ -247,7 +247,7 @@ class WideResNet(nn.Module):
 
     WRN-28-2 (1.5 M parameters) is the network UDA, FixMatch, Meta Pseudo Labels and USB report CIFAR-10 results
     with: a 3×3 stem of 16 channels, three stages of ``(depth − 4) / 6`` blocks with ``16k, 32k, 64k`` channels and
-    strides 1, 2, 2, then BN → LeakyReLU. Returns the ``(B, 64k, H/4, W/4)`` map; ``ClassifierHead`` pools it.
+    strides 1, 2, 2, then BN → LeakyReLU. Returns the ``(B, 64k, H/4, W/4)`` map; ``zoo.classifier.ClassifierHead`` pools it.
 
     Args:
         depth: ``6n + 4`` (28 → 4 blocks per stage).

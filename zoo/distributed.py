@@ -1,6 +1,6 @@
 """Putting a sharded evaluation back together under DDP.
 
-Evaluation loaders shard a dataset across ranks without padding (``ZooDataModule._strided_eval_loader``: rank ``r``
+Evaluation loaders shard a dataset across ranks without padding (``ZooDataModule.eval_loader``: rank ``r``
 takes items ``r, r + w, ...``), so the ranks hold different numbers of outputs. ``gather_by_index`` pads every
 rank's share to the longest with index −1, all-gathers, drops the padding and sorts by dataset index: every rank
 then holds every item exactly once, in dataset order, and computes the same metric as a single process would.

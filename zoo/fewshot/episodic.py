@@ -1,7 +1,7 @@
 """What every few-shot method shares: the episode contract, per-episode accuracy with a 95 % CI, and the Lightning
 loop around a method's ``episode_logits``.
 
-An episode is ``(support (N, K, C, H, W), query (N, Q, C, H, W), classes (N,))`` (``datamodules.fewshot.Episode``);
+An episode is ``(support (N, K, C, H, W), query (N, Q, C, H, W), classes (N,))`` (``datamodules.fewshot.episodes.Episode``);
 query labels are implicit, ``arange(N).repeat_interleave(Q)``. A method implements
 ``episode_logits(support, query) -> (N·Q, N)`` scores whose argmax is the prediction, and ``episode_loss`` if its
 loss is not cross-entropy on those scores. Evaluation follows "A Closer Look at Few-shot Classification"
