@@ -229,7 +229,21 @@ class ZooDataModule(L.LightningDataModule):
         return DataLoader(shard, batch_size=self.eval_batch_size, shuffle=False, num_workers=self.num_workers,
                           pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0, collate_fn=collate_fn)
 
-    # ---- the plain loaders --------------------------------------------------------------------------------------
+    # ---- the loaders Lightning asks for ---------------------------------------------------------------------------
+
+    #: the collate function of the evaluation loaders (``None``: torch's default)
+    eval_collate_fn: Optional[Callable] = None
+
+    def evaluation_sets(self, split: str) -> Dataset | list[Dataset]:
+        """The dataset(s) evaluated in ``split`` (``"val"``, ``"test"`` or ``"predict"``), one loader each: a list
+        gives several loaders in that order (query then gallery, ``testA`` then ``testB``)."""
+        return self.val_set if split == "val" else self.test_set
+
+    def _evaluation_loaders(self, split: str) -> DataLoader | list[DataLoader]:
+        sets = self.evaluation_sets(split)
+        loaders = [self.eval_loader(self._require(dataset, split), collate_fn=self.eval_collate_fn)
+                   for dataset in (sets if isinstance(sets, (list, tuple)) else [sets])]
+        return loaders if isinstance(sets, (list, tuple)) else loaders[0]
 
     def train_dataloader(self) -> DataLoader:
         dataset = self._require(self.train_set, "training")
@@ -237,11 +251,11 @@ class ZooDataModule(L.LightningDataModule):
         return self.batch_sampler_loader(dataset, RandomBatchSampler(len(dataset), self.batch_size, rank=rank,
                                                                      world_size=world))
 
-    def val_dataloader(self) -> DataLoader:
-        return self.eval_loader(self._require(self.val_set, "validation"))
+    def val_dataloader(self) -> DataLoader | list[DataLoader]:
+        return self._evaluation_loaders("val")
 
-    def test_dataloader(self) -> DataLoader:
-        return self.eval_loader(self._require(self.test_set, "test"))
+    def test_dataloader(self) -> DataLoader | list[DataLoader]:
+        return self._evaluation_loaders("test")
 
-    def predict_dataloader(self) -> DataLoader:
-        return self.eval_loader(self._require(self.test_set, "test"))
+    def predict_dataloader(self) -> DataLoader | list[DataLoader]:
+        return self._evaluation_loaders("predict")

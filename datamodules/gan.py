@@ -35,7 +35,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from lightning.pytorch.utilities import CombinedLoader
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
 from datamodules.base import CorruptImageError, ZooDataModule, read_image, require_path
@@ -293,19 +293,9 @@ class UnpairedDataModule(ZooDataModule):
         return self.two_stream_loader({"A": (self.train_a, self.batch_size), "B": (self.train_b, self.batch_size)},
                                       self.num_train_steps(), self.seed)
 
-    def _eval_loaders(self) -> list[DataLoader]:
-        if self.test_a is None or self.test_b is None:
-            raise RuntimeError(f"{type(self).__name__}: call setup() before the evaluation loaders")
-        return [self.eval_loader(self.test_a), self.eval_loader(self.test_b)]
-
-    def val_dataloader(self) -> list[DataLoader]:
-        return self._eval_loaders()
-
-    def test_dataloader(self) -> list[DataLoader]:
-        return self._eval_loaders()
-
-    def predict_dataloader(self) -> list[DataLoader]:
-        return self._eval_loaders()
+    def evaluation_sets(self, split: str) -> list[Dataset]:
+        """Validation, test and predict: ``testA`` (loader 0), then ``testB`` (loader 1)."""
+        return [self.test_a, self.test_b]
 
 
 class DigitDomainsDataModule(UnpairedDataModule):

@@ -34,7 +34,7 @@ from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import torch
 from lightning.pytorch.utilities import CombinedLoader
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
 from datamodules.base import IMAGENET_MEAN, IMAGENET_STD, DatasetNotFoundError, ZooDataModule, read_image, require_path
@@ -305,19 +305,9 @@ class CrossDomainReIDDataModule(ZooDataModule):
         return self.two_stream_loader({"source": (self.source_set, self.batch_size),
                                        "target": (self.target_set, self.target_batch_size)}, num_batches, self.seed)
 
-    def _eval_loaders(self) -> list[DataLoader]:
-        if self.query_set is None or self.gallery_set is None:
-            raise RuntimeError(f"{type(self).__name__}: call setup() before the evaluation loaders")
-        return [self.eval_loader(self.query_set), self.eval_loader(self.gallery_set)]
-
-    def val_dataloader(self) -> list[DataLoader]:
-        return self._eval_loaders()
-
-    def test_dataloader(self) -> list[DataLoader]:
-        return self._eval_loaders()
-
-    def predict_dataloader(self) -> list[DataLoader]:
-        return self._eval_loaders()
+    def evaluation_sets(self, split: str) -> list[Dataset]:
+        """Validation, test and predict: the target's ``query`` (loader 0), then ``bounding_box_test`` (loader 1)."""
+        return [self.query_set, self.gallery_set]
 
 
 class SyntheticReIDDataModule(CrossDomainReIDDataModule):

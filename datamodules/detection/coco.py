@@ -29,13 +29,6 @@ COCO_LAYOUT = """\
 COCO_HOW_TO_GET = ("https://cocodataset.org/#download: '2017 Train images', '2017 Val images' and '2017 Train/Val "
                    "annotations', unzipped into the root")
 
-VOC_LAYOUT = """\
-  VOCdevkit/VOC2007/Annotations/000005.xml ...     one xml per image (size, objects with name, difficult, bndbox)
-  VOCdevkit/VOC2007/JPEGImages/000005.jpg ...      the images
-  VOCdevkit/VOC2007/ImageSets/Main/trainval.txt    image ids of a split, one per line (also test.txt)
-  VOCdevkit/VOC2012/...                            the same for 2012 (trainval only)"""
-VOC_HOW_TO_GET = ("http://host.robots.ox.ac.uk/pascal/VOC/: VOCtrainval_06-Nov-2007.tar, VOCtest_06-Nov-2007.tar and "
-                  "VOCtrainval_11-May-2012.tar, all extracted into the same VOCdevkit/")
 
 
 def _is_bbox(value: Any) -> bool:

@@ -80,15 +80,9 @@ class DetectionDataModule(ZooDataModule):
                                           rank=rank, world_size=world)
         return self.batch_sampler_loader(dataset, sampler, collate_fn=detection_collate)
 
-    # Evaluation: rank r of w evaluates images r, r + w, ...; `image_id` identifies them for DetectionMetrics.
-    def val_dataloader(self) -> DataLoader:
-        return self.eval_loader(self._require(self.val_set, "validation"), collate_fn=detection_collate)
-
-    def test_dataloader(self) -> DataLoader:
-        return self.eval_loader(self._require(self.test_set, "test"), collate_fn=detection_collate)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self.eval_loader(self._require(self.test_set, "test"), collate_fn=detection_collate)
+    # Evaluation (the base's eval loaders): rank r of w evaluates images r, r + w, ...; `image_id` identifies them
+    # for DetectionMetrics.
+    eval_collate_fn = staticmethod(detection_collate)
 
 
 class CocoDetectionDataModule(DetectionDataModule):
