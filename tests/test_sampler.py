@@ -1,4 +1,5 @@
-"""BalancedClassSampler: batch shape, no duplicates, disjoint DDP shards, equal batch counts, reshuffling."""
+"""The zoo's batch samplers: batch shape, no duplicates, disjoint DDP shards, equal batch counts, reshuffling, and
+resuming an epoch from a saved loader state."""
 
 import warnings
 
@@ -141,3 +142,56 @@ def test_sharded_sampler_cycles_a_small_set_in_fresh_passes_without_repeats_in_a
     # fewer items than a step: repeats are unavoidable, the shape is still exact
     tiny = list(ShardedRandomBatchSampler(3, 4, 5, seed=0))
     assert len(tiny) == 5 and all(len(b) == 4 and set(b) <= {0, 1, 2} for b in tiny)
+
+
+# ---------------------------------------------------------------- resuming an epoch through the stateful loader
+
+
+def _samplers():
+    from datamodules.detection import AspectRatioBatchSampler
+    from datamodules.fewshot import EpisodicBatchSampler
+    from datamodules.sampler import ClassBalancedBatchSampler, RandomBatchSampler
+
+    labels = torch.arange(40) % 5
+    return {
+        "random": lambda: RandomBatchSampler(40, 6),
+        "random-seeded": lambda: RandomBatchSampler(40, 6, seed=3, rank=1, world_size=2),
+        "sharded": lambda: ShardedRandomBatchSampler(40, 6, num_batches=7, seed=1),
+        "balanced": lambda: BalancedClassSampler(labels, classes_per_batch=2, images_per_class=3),
+        "class-balanced": lambda: ClassBalancedBatchSampler(labels, batch_size=5),
+        "aspect-ratio": lambda: AspectRatioBatchSampler(torch.linspace(0.5, 1.5, 40), batch_size=4),
+        "episodes": lambda: EpisodicBatchSampler(labels, n_way=3, k_shot=1, n_query=2, episodes=8),
+    }
+
+
+@pytest.mark.parametrize("name", list(_samplers()))
+def test_a_loader_restored_from_its_state_serves_the_rest_of_the_epoch(name):
+    from datamodules.base import ResumableDataLoader
+
+    make = _samplers()[name]
+    dataset = torch.utils.data.TensorDataset(torch.arange(40))
+
+    def loader(sampler):
+        return ResumableDataLoader(dataset, batch_sampler=sampler)
+
+    torch.manual_seed(0)
+    straight = loader(make())
+    straight.batch_sampler.set_epoch(2)
+    epoch = [batch[0].tolist() for batch in straight]
+    interrupted = loader(make())
+    torch.manual_seed(0)
+    interrupted.batch_sampler.set_epoch(2)
+    served = iter(interrupted)
+    first = [next(served)[0].tolist() for _ in range(3)]
+    state = interrupted.state_dict()
+    assert first == epoch[:3] and state["epoch"] == 2 and state["batches_served"] == 3
+
+    torch.manual_seed(123)  # the resumed run's global generator is elsewhere: the state must not depend on it
+    resumed = loader(make())
+    resumed.load_state_dict(state)
+    resumed.batch_sampler.set_epoch(2)  # Lightning sets the epoch it resumes in
+    assert [batch[0].tolist() for batch in resumed] == epoch[3:]
+    assert resumed.resumes_mid_epoch and resumed.state_dict()["batches_served"] == len(epoch)
+    finished = loader(make())
+    finished.load_state_dict(resumed.state_dict())  # a complete epoch resumes at the next one
+    assert not finished.resumes_mid_epoch and finished.batch_sampler.epoch == 3

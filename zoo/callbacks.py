@@ -156,10 +156,13 @@ class LastCheckpoint(ModelCheckpoint):
     separate ``ModelCheckpoint``: a monitored one defers step-based saves until validation has run.
 
     Every checkpoint also carries the process's random-number generators (torch, numpy, Python), restored when a
-    single-process run resumes, just before training continues: together with the position of the training loader
-    (``datamodules.base.ResumableDataLoader``) the resumed run draws the same batches, augmentations (in the main
-    process) and dropout masks as the run that was interrupted. Under DDP each rank has its own generators and only
-    the loader positions are restored. A step-based save that falls on an epoch's last batch is left to the save at
+    single-process run resumes, just before training continues. Together with the position of the training loader
+    (``datamodules.base.ResumableDataLoader``), a run that loads its data in the main process (``num_workers: 0``, the
+    embedded defaults) then draws the same batches, augmentations and dropout masks as the run that was interrupted,
+    in every later epoch too. With worker processes, or under DDP (each rank has its own generators; only the loader
+    positions are restored), the rest of the interrupted epoch is still exact, and so are later epochs of every
+    seeded sampler; only the plain shuffled loader of one process, whose epochs are seeded from torch's generator as
+    ``DataLoader(shuffle=True)`` seeds them, may then draw other permutations. A step-based save that falls on an epoch's last batch is left to the save at
     the epoch's end, after validation, so that a resumed run starts the next epoch from where the straight run did.
     """
 
