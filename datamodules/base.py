@@ -119,7 +119,8 @@ class ResumableDataLoader(DataLoader):
 
 
 class ZooDataModule(L.LightningDataModule):
-    """Builds the loaders of ``self.train_set`` / ``val_set`` / ``test_set`` (filled by ``setup``), sharded and resumable.
+    """Builds the loaders of ``self.train_set`` / ``val_set`` / ``test_set`` (filled by ``setup``), sharded and
+    resumable.
 
     The plain loaders: training batches of ``batch_size`` shuffled every epoch (``RandomBatchSampler``: with one
     process the batches ``DataLoader(shuffle=True)`` would give; under DDP those of Lightning's

@@ -630,7 +630,8 @@ class StanfordCarsDataModule(FineGrainedDataModule):
 
 
 class ToyBirdsDataModule(CUBDataModule):
-    """The embedded default: procedural "toy birds" (``datamodules.generated.finegrained_toybirds``) in CUB-200-2011's layout, no download.
+    """The embedded default: procedural "toy birds" (``datamodules.generated.finegrained_toybirds``) in CUB-200-2011's
+    layout, no download.
 
     Twelve classes that differ in one small part each (beak colour × wing bars × tail shape) on cluttered
     backgrounds; written to ``root`` on first use (deterministic from ``bird_seed``, a few seconds) and read back by

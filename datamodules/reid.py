@@ -21,7 +21,8 @@ the label is the image's *dataset index* (target identities are never used).
 streams of ``len(source) // (batch × world)`` steps per epoch (an epoch is one pass over the source, and the target
 stream restarts as ECN's does), sharded across DDP ranks by ``ShardedRandomBatchSampler``; validation and test
 serve the target's ``query`` then ``bounding_box_test`` as two loaders of ``(images, pids, cameras, indices)``,
-split across ranks. ``SyntheticReIDDataModule`` writes and serves the embedded default (``datamodules.generated.reid_toypeople``).
+split across ranks. ``SyntheticReIDDataModule`` writes and serves the embedded default
+(``datamodules.generated.reid_toypeople``).
 """
 
 from __future__ import annotations
@@ -311,7 +312,8 @@ class CrossDomainReIDDataModule(ZooDataModule):
 
 
 class SyntheticReIDDataModule(CrossDomainReIDDataModule):
-    """The embedded default: ``datamodules.generated.reid_toypeople`` writes a source and a target domain in Market-1501 layout
+    """The embedded default: ``datamodules.generated.reid_toypeople`` writes a source and a target domain in Market-1501
+    layout
     (with CamStyle fakes) under ``root`` on first use, then they are read like the real sets.
 
     ``direction="source2target"`` adapts from the mild-camera domain to the strong-camera one (the default, the

@@ -37,7 +37,8 @@ from datamodules.digits import TensorImageDataset, load_digit_images
 
 __all__ = [
     "labeled_split", "Cutout", "GaussianNoise", "RandomMagnitudeRandAugment", "TwoViewDataset",
-    "SemiSupervisedDataModule", "DigitsSemiSupDataModule", "NaturalImageSemiSupDataModule", "CIFAR10SemiSupDataModule", "CIFAR100SemiSupDataModule", "SVHNSemiSupDataModule", "STL10SemiSupDataModule",
+    "SemiSupervisedDataModule", "DigitsSemiSupDataModule", "NaturalImageSemiSupDataModule", "CIFAR10SemiSupDataModule",
+    "CIFAR100SemiSupDataModule", "SVHNSemiSupDataModule", "STL10SemiSupDataModule",
 ]
 
 

@@ -20,6 +20,16 @@ from zoo.schedules import half_then_linear_decay, linear_rampup, warmup_cosine, 
 # ---------------------------------------------------------------- schedules
 
 
+def test_the_docstring_examples_of_the_shared_layer_hold():
+    import doctest
+
+    import zoo.ema
+    import zoo.schedules
+
+    for module in (zoo.schedules, zoo.ema):
+        assert doctest.testmod(module).failed == 0, module.__name__
+
+
 def test_schedules_on_hand_computed_steps():
     assert warmup_cosine(4, 100, warmup_steps=10) == pytest.approx(0.5)
     assert warmup_cosine(55, 100, warmup_steps=10, cycles=0.5) == pytest.approx(math.cos(math.pi * 0.25))

@@ -162,8 +162,10 @@ class LastCheckpoint(ModelCheckpoint):
     in every later epoch too. With worker processes, or under DDP (each rank has its own generators; only the loader
     positions are restored), the rest of the interrupted epoch is still exact, and so are later epochs of every
     seeded sampler; only the plain shuffled loader of one process, whose epochs are seeded from torch's generator as
-    ``DataLoader(shuffle=True)`` seeds them, may then draw other permutations. A step-based save that falls on an epoch's last batch is left to the save at
-    the epoch's end, after validation, so that a resumed run starts the next epoch from where the straight run did.
+    ``DataLoader(shuffle=True)`` seeds them, may then draw other permutations.
+
+    A step-based save that falls on an epoch's last batch is left to the save at the epoch's end, after validation,
+    so that a resumed run starts the next epoch from where the straight run did.
     """
 
     def __init__(

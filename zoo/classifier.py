@@ -1,6 +1,7 @@
 """What every image classifier in the zoo shares: the head, the network, and the evaluation around them.
 
-* ``ClassifierHead``: global average pooling → dropout → linear, ``(B, C, h, w) → (B, K)``; the form CAM is defined for.
+* ``ClassifierHead``: global average pooling → dropout → linear, ``(B, C, h, w) → (B, K)``; the form CAM is defined
+  for.
 * ``Classifier``: a feature-map backbone (``zoo.contracts.feature_channels``) followed by that head.
 * ``ClassificationModule``: the LightningModule base that owns the accuracy metrics and the validation, test and
   predict steps. A paper implements ``__init__`` (its networks) and ``training_step``; ``forward(images)`` gives the
@@ -39,7 +40,7 @@ class ClassifierHead(nn.Module):
 
 
 class Classifier(nn.Module):
-    """A feature-map backbone followed by ``ClassifierHead``: images ``(B, C, H, W)`` → logits ``(B, num_classes)``."""
+    """A feature-map backbone followed by ``ClassifierHead``: images ``(B, C, H, W)`` → logits ``(B, K)``."""
 
     def __init__(self, backbone: nn.Module, num_classes: int, dropout: float = 0.0) -> None:
         super().__init__()

@@ -35,8 +35,8 @@ def pyramid_channels(body: nn.Module) -> tuple[list[int], list[int]]:
     if not isinstance(channels, (list, tuple)) or not isinstance(reductions, (list, tuple)) \
             or len(channels) != len(reductions) or not channels:
         raise ValueError(
-            f"{type(body).__name__} must expose `out_channels: list[int]` and `reductions: list[int]`, one per returned "
-            "map (zoo.backbones.TimmFeatures or StridedConvFeatures)"
+            f"{type(body).__name__} must expose `out_channels: list[int]` and `reductions: list[int]`, one per "
+            "returned map (zoo.backbones.TimmFeatures or StridedConvFeatures)"
         )
     return [int(c) for c in channels], [int(r) for r in reductions]
 

@@ -83,7 +83,8 @@ class EMATeacher(nn.Module):
 
     @torch.no_grad()
     def update(self, student: nn.Module, momentum: Optional[float] = None) -> None:
-        """One EMA step towards ``student`` (the network the teacher was copied from); ``momentum`` overrides ``m_t``."""
+        """One EMA step towards ``student`` (the network the teacher was copied from); ``momentum`` overrides
+        ``m_t``."""
         m = self.current_momentum() if momentum is None else momentum
         own = dict(self.module.named_buffers())
         weights = [own[name] for name in self._weight_names]

@@ -21,10 +21,10 @@ __all__ = ["warmup_cosine", "warmup_multistep", "half_then_linear_decay", "linea
 def warmup_cosine(step: int, total_steps: int, warmup_steps: int = 0, cycles: float = 7 / 16) -> float:
     """Linear warm-up over ``warmup_steps``, then ``cos(π · cycles · k / K)`` over the remaining ``K`` steps.
 
-    ``cycles = 7/16`` is UDA's and FixMatch's schedule (it ends at ≈0.2× the peak); ``0.5`` is the half cosine to zero of
-    Meta Pseudo Labels' PyTorch code.
+    ``cycles = 7/16`` is UDA's and FixMatch's schedule (it ends at ≈0.2× the peak); ``0.5`` is the half cosine to
+    zero of Meta Pseudo Labels' PyTorch code.
 
-    >>> warmup_cosine(0, 100, warmup_steps=10), warmup_cosine(10, 100, warmup_steps=10), warmup_cosine(100, 100, 0, 0.5)
+    >>> warmup_cosine(0, 100, warmup_steps=10), warmup_cosine(10, 100, warmup_steps=10), warmup_cosine(100, 100, 0, 1)
     (0.1, 1.0, 0.0)
     """
     if step < warmup_steps:
@@ -65,7 +65,8 @@ def half_then_linear_decay(total_steps: int) -> Callable[[int], float]:
 
 
 def linear_rampup(step: float, ramp_steps: float) -> float:
-    """``min(1, step / ramp_steps)``, and 1 when ``ramp_steps ≤ 0``: the weight of an unlabeled loss early in training.
+    """``min(1, step / ramp_steps)``, and 1 when ``ramp_steps ≤ 0``: the weight of an unlabeled loss early in
+    training.
 
     >>> linear_rampup(5, 10), linear_rampup(20, 10), linear_rampup(3, 0)
     (0.5, 1.0, 1.0)

@@ -393,7 +393,8 @@ class CloserLookDataModule(FewShotDataModule):
 
 
 class GlyphsDataModule(OmniglotDataModule):
-    """The embedded default: a procedural glyph alphabet (``datamodules.generated.fewshot_glyphs``) in Omniglot's layout.
+    """The embedded default: a procedural glyph alphabet (``datamodules.generated.fewshot_glyphs``) in Omniglot's
+    layout.
 
     The set is written to ``root`` on first use (deterministic from ``glyph_seed``; about 20 s) and read back by
     the Omniglot loader. Background alphabets minus ``val_alphabets`` are base classes, evaluation alphabets novel.
