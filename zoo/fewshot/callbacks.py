@@ -21,7 +21,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_only
 from torchvision.utils import make_grid
 
-from zoo.callbacks import ImageLogger, log_images
+from zoo.callbacks import log_images
 from zoo.fewshot.episodic import EpisodeAccuracies, episode_accuracy, mean_ci95, query_targets
 from zoo.fewshot.protonet import prototypes, squared_euclidean_logits
 
@@ -78,7 +78,7 @@ class EpisodeBaselines(Callback):
                 pl_module.log(f"test/baseline_{name}_ci95_{setting}", ci95, add_dataloader_idx=False)
 
 
-class EpisodeImageLogger(ImageLogger):
+class EpisodeImageLogger(Callback):
     """Logs the first ``num_episodes`` test episodes of each setting as ``test/episode_grid_<setting>``: support |
     queries (green right, red wrong). Drawn from the test batches themselves, so it has no epoch cadence.
 
@@ -87,10 +87,7 @@ class EpisodeImageLogger(ImageLogger):
         max_queries: queries shown per class.
     """
 
-    after_validation = after_test = False
-
     def __init__(self, num_episodes: int = 2, max_queries: int = 5) -> None:
-        super().__init__()
         self.num_episodes, self.max_queries = num_episodes, max_queries
 
     @rank_zero_only
