@@ -1,5 +1,6 @@
-"""The zoo's batch samplers: every epoch's batches are a function of the epoch, every rank gets its own share, and a run
-resumed from a checkpoint written in the middle of an epoch continues with that epoch's next batch.
+"""The zoo's batch samplers: every epoch's batches can be rebuilt from the epoch and the sampler's seed, every rank
+gets its own share, and a run resumed from a checkpoint written in the middle of an epoch continues with that
+epoch's next batch.
 
 * ``RandomBatchSampler``: shuffled batches over the whole data set, ``DataLoader(shuffle=True)``'s batches made
   resumable and DDP-sharded (the plain loaders of ``ZooDataModule``).
