@@ -54,8 +54,8 @@ def log_images(trainer: "L.Trainer", key: str, images: torch.Tensor, captions: S
 
 
 class ImageLogger(Callback):
-    """Base of the callbacks that draw pictures for the dashboard (CAM overlays, detections, rank lists, translations,
-    API-Net pairs, few-shot episodes), with the one cadence rule they all follow.
+    """Base of the callbacks that draw pictures for the dashboard during training (CAM overlays, detections, rank
+    lists, translations, API-Net pairs), with the one cadence rule they all follow.
 
     A picture of epoch ``e`` (0-based) is drawn when ``(e + 1) % every_n_epochs == 0`` or ``e`` is the run's last epoch,
     never during the sanity check (``should_draw``); after every test. Drawing happens on rank 0, in eval mode and
@@ -184,8 +184,8 @@ class LastCheckpoint(ModelCheckpoint):
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
-        world_size = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-        if world_size == 1:
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if not distributed or torch.distributed.get_world_size() == 1:
             state["rng_states"] = _rng_states()
         return state
 

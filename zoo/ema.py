@@ -71,7 +71,6 @@ class EMATeacher(nn.Module):
                 if parameter is not None:
                     del submodule._parameters[name]
                     submodule.register_buffer(name, parameter.detach().clone())
-        self.module.requires_grad_(False)
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
 
     def forward(self, *args, **kwargs):
