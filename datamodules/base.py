@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Optional
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.utilities import CombinedLoader
 from PIL import Image, UnidentifiedImageError
@@ -40,7 +41,7 @@ class DatasetNotFoundError(FileNotFoundError):
 
 
 class CorruptImageError(RuntimeError):
-    """An image file could not be decoded; the message names the file."""
+    """An image file could not be decoded, or its samples have no known 8-bit scale; the message names the file."""
 
 
 def require_path(path: str | Path, dataset: str, layout: str, how_to_get: str) -> Path:
@@ -53,11 +54,59 @@ def require_path(path: str | Path, dataset: str, layout: str, how_to_get: str) -
     return path
 
 
+#: modes whose samples are wider than 8 bits; PIL's ``convert`` to "L"/"RGB" clips them to 0..255 instead of scaling
+_WIDE_MODES = ("I", "F")
+
+
+def _is_wide(mode: str) -> bool:
+    return mode in _WIDE_MODES or mode.startswith("I;16")
+
+
+def _scale_to_8bit(img: Image.Image, path: str | Path) -> Image.Image:
+    """A 16-bit, 32-bit integer or float image as mode "L", scaled by the full scale of its bit depth.
+
+    PIL's ``convert("L")`` of such an image clips every sample to 0..255, so a 16-bit ramp becomes black and white;
+    here the samples are divided by the full scale instead, with rounding:
+
+    * ``I;16`` / ``I;16B`` / ``I;16L`` / ``I;16N`` (16-bit PNG and TIFF): 0..65535 → 0..255 (divide by 257);
+    * ``I`` (32-bit signed integers; older Pillow opens 16-bit PNGs so): read as 16-bit, 65535 full scale; values
+      below 0 or above 65535 have no known full scale and are refused;
+    * ``F`` (32-bit float TIFF): values in [0, 1] → 0..255; any other range (or NaN) has no known full scale and is
+      refused, since guessing one (e.g. min-max stretching) would change the image per file.
+
+    Raises:
+        CorruptImageError: naming the file, the mode and the value range, for the refused images.
+    """
+    samples = np.asarray(img).astype(np.float64)
+    if img.mode == "F":
+        finite = bool(np.isfinite(samples).all())
+        if not finite or samples.size and (samples.min() < 0 or samples.max() > 1):
+            shown = "non-finite values" if not finite else f"values {samples.min():g}..{samples.max():g}"
+            raise CorruptImageError(f"'{path}': float image (mode F) with {shown}; only values in [0, 1] can be "
+                                    "scaled to 8 bits")
+        full_scale = 1.0
+    else:  # I;16* (unsigned 16-bit by construction) or I (32-bit signed)
+        if samples.size and (samples.min() < 0 or samples.max() > 65535):
+            raise CorruptImageError(f"'{path}': integer image (mode {img.mode}) with values "
+                                    f"{samples.min():.0f}..{samples.max():.0f}; only 0..65535 (16-bit data) can be "
+                                    "scaled to 8 bits")
+        full_scale = 65535.0
+    return Image.fromarray(np.rint(samples * (255.0 / full_scale)).astype(np.uint8))  # 2-D uint8: mode "L"
+
+
 def read_image(path: str | Path, mode: str = "RGB") -> Image.Image:
-    """Open an image fully (``load`` forces the decode) or raise ``CorruptImageError`` naming the file."""
+    """Open an image fully (``load`` forces the decode) in ``mode``, or raise ``CorruptImageError`` naming the file.
+
+    Images of more than 8 bits per sample (16-bit PNG/TIFF, 32-bit integer or float) are scaled to 8 bits by the
+    full scale of their bit depth before the conversion to an 8-bit ``mode`` ("L", "RGB", ...), as
+    ``_scale_to_8bit`` describes: PIL's own conversion clips them to 0..255 and a 16-bit image turns into two values.
+    A wide ``mode`` ("I", "F", "I;16") is served as PIL converts it.
+    """
     try:
         with Image.open(path) as img:
             img.load()
+            if _is_wide(img.mode) and not _is_wide(mode):
+                return _scale_to_8bit(img, path).convert(mode)
             return img.convert(mode)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise CorruptImageError(f"cannot decode image '{path}': {err}") from err

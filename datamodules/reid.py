@@ -7,9 +7,9 @@ On-disk format (Market-1501, Zheng et al. 2015; DukeMTMC-reID and ECN's MSMT17 r
     <root>/query/                          queries
     <root>/bounding_box_train_camstyle/    CamStyle fakes         0002_c1s1_000451_03_fake_1to3.jpg
 
-A name starts with the person id and the 1-based camera, ``([-\\d]+)_c(\\d+)``. Person ``-1`` marks junk boxes (dropped
-when loading, as every evaluation code does), person ``0000`` distractors (kept in the gallery as negatives).
-Training ids are relabelled to ``0..N-1`` in sorted order; cameras become 0-based.
+A name starts with the person id (digits, or ``-1``) and the 1-based camera, ``(-1|\\d+)_c(\\d+)``. Person ``-1``
+marks junk boxes (dropped when loading, as every evaluation code does), person ``0000`` distractors (kept in the
+gallery as negatives). Training ids are relabelled to ``0..N-1`` in sorted order; cameras become 0-based.
 
 CamStyle (Zhong et al. CVPR 2018) adds, for every training image of camera ``c`` and every other camera ``d``, the
 same image re-styled by a CycleGAN into camera ``d`` (``<stem>_fake_<c>to<d>.jpg``; for MSMT17, made with StarGAN,
@@ -45,7 +45,9 @@ __all__ = [
     "RandomSizedRectCrop", "CrossDomainReIDDataModule", "SyntheticReIDDataModule",
 ]
 
-_NAME = re.compile(r"([-\d]+)_c(\d+)")
+#: ``<pid>_c<camera>``: the id is digits or ``-1`` (junk), nothing else (``12-3_c1...`` is no id, not ``int("12-3")``)
+_NAME = re.compile(r"(-1|\d+)_c(\d+)")
+_NAME_PATTERN = "'<pid>_c<camera>...' with <pid> digits or -1 and <camera> digits (e.g. 0002_c1s1_000451_03.jpg)"
 
 MARKET_LAYOUT = """\
   <root>/bounding_box_train/<pid>_c<cam>...jpg         training images (Market: 0002_c1s1_000451_03.jpg, Duke: 0005_c2_f0046985.jpg)
@@ -79,7 +81,7 @@ def parse_reid_folder(folder: str | Path, relabel: bool = False) -> ReIDRecords:
     for path in files:
         match = _NAME.match(path.name)
         if match is None:
-            raise ValueError(f"'{path}': re-ID image names must start with '<pid>_c<camera>' (e.g. 0002_c1s1_000451_03.jpg)")
+            raise ValueError(f"'{path}': re-ID image names must match {_NAME_PATTERN}")
         pid, cam = int(match.group(1)), int(match.group(2))
         if pid == -1:
             continue

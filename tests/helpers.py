@@ -106,3 +106,34 @@ class RecordReIDRank(Callback):
             "memory_rows": slots[:20].tolist(), "start_sum": self.start_sum, "start_epoch": self.start_epoch,
             "world_size": trainer.world_size, "touched": int((slots.norm(dim=1) > 0).sum()),
         }))
+
+
+class SignalAtStep(Callback):
+    """Sends ``signal_name`` (``SIGTERM``/``SIGINT``) to this process once ``global_step`` reaches ``step``, on
+    rank ``rank`` only, as a scheduler or a Ctrl-C would, in the middle of training."""
+
+    def __init__(self, step: int = 5, signal_name: str = "SIGTERM", rank: int = 0) -> None:
+        self.step, self.signal_name, self.rank, self.sent = step, signal_name, rank, False
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        import os
+        import signal
+
+        if not self.sent and trainer.global_step >= self.step and trainer.global_rank == self.rank:
+            self.sent = True
+            os.kill(os.getpid(), getattr(signal, self.signal_name))
+
+
+class NaNUpdateAtStep(ImageClassifier):
+    """An ImageClassifier whose optimizer step that makes ``global_step == nan_at_step`` leaves a NaN in its first parameter while every
+    loss stays finite until then: the case a loss check alone cannot see before the step's checkpoint is saved."""
+
+    def __init__(self, *args: Any, nan_at_step: int = 5, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.nan_at_step = nan_at_step
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        if self.global_step + 1 == self.nan_at_step:  # Lightning counts the step after this hook returns
+            with torch.no_grad():
+                next(self.parameters()).view(-1)[0] = float("nan")

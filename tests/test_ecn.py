@@ -86,11 +86,11 @@ def test_gradient_uses_memory_before_update_and_update_follows():
     embedding, index = model._pending
     loss.backward()
     # The step's loss and gradient saw the old slots: nothing changed during forward and backward; the update
-    # comes after, in on_train_batch_end.
+    # comes after, in on_after_backward.
     torch.testing.assert_close(model.memory.slots, old)
     assert model.head.feat.weight.grad.abs().sum() > 0
     model._trainer.current_epoch = 30
-    model.on_train_batch_end(None, batch, 0)
+    model.on_after_backward()
     expected = F.normalize(0.3 * old[index] + 0.7 * embedding)
     torch.testing.assert_close(model.memory.slots[index], expected)
     untouched = torch.ones(10, dtype=torch.bool)
@@ -171,7 +171,7 @@ def _ddp_update(rank, world, init_file, embedding, indices, out):
         return torch.stack(parts)
 
     model.all_gather = all_gather
-    model.on_train_batch_end(None, None, 0)
+    model.on_after_backward()
     torch.save(model.memory.slots, f"{out}_{rank}.pt")
     dist.destroy_process_group()
 

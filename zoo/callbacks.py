@@ -1,14 +1,19 @@
 """Callbacks every zoo run gets: resumable checkpoints, a stop on the first non-finite loss, and fine-tuning.
 
 They hold no model-specific code, so a detector, a GAN pair (manual optimisation), a teacher/student pair and a
-memory-bank method all use them unchanged.
+memory-bank method all use them unchanged. What each does when a run goes wrong (a signal, a divergence, a misspelt
+monitor, a read-only folder) is summed up in the README's "Failure behaviour".
 """
 
 from __future__ import annotations
 
 import fnmatch
 import logging
+import os
 import random
+import signal
+import tempfile
+import threading
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -18,16 +23,17 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.utilities import CombinedLoader, rank_zero_info, rank_zero_only
 from torch import nn
 from torch.utils.data import DataLoader
 from torchvision.utils import make_grid, save_image
 
-from zoo.checkpoint import load_weights
+from zoo.checkpoint import load_weights, remove_stale_temporaries
 
 __all__ = [
-    "log_images", "ImageLogger", "LearningRateLogger", "LastCheckpoint", "NonFiniteLossError", "NonFiniteLossGuard",
-    "FineTuning",
+    "log_images", "ImageLogger", "LearningRateLogger", "LastCheckpoint", "BestCheckpoint", "TrainingInterrupted",
+    "MonitorKeyError", "NonFiniteLossError", "NonFiniteLossGuard", "non_finite_tensors", "FineTuning",
 ]
 
 log = logging.getLogger(__name__)
@@ -149,8 +155,33 @@ def _set_rng_states(states: dict[str, Any]) -> None:
     random.setstate(states["python"])
 
 
+class TrainingInterrupted(SystemExit):
+    """Raised after a stop signal once ``last.ckpt`` is saved; its exit status is the shell's ``128 + signal``
+    (143 for SIGTERM, 130 for SIGINT), so a scheduler or a script sees that the run did not finish."""
+
+    def __init__(self, signum: int, message: str) -> None:
+        super().__init__(128 + signum)
+        self.signum = signum
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def _check_writable(folder: str) -> Optional[str]:
+    """Why checkpoints cannot be written to ``folder`` (a local path), or ``None`` when they can."""
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+            pass
+    except OSError as err:
+        return f"the checkpoint folder '{folder}' is not writable ({err.strerror or err}); set --last_checkpoint.dirpath"
+    return None
+
+
 class LastCheckpoint(ModelCheckpoint):
-    """Keeps ``last.ckpt`` current: every ``every_n_train_steps`` steps, at each epoch end and when training ends.
+    """Keeps ``last.ckpt`` current: every ``every_n_train_steps`` steps, at each epoch end, when training ends, and
+    when the run is told to stop (SIGTERM from a scheduler, Ctrl-C).
 
     It is a ``ModelCheckpoint`` so that ``--ckpt_path last`` finds its file. The best-on-metric checkpoint is a
     separate ``ModelCheckpoint``: a monitored one defers step-based saves until validation has run.
@@ -166,6 +197,17 @@ class LastCheckpoint(ModelCheckpoint):
 
     A step-based save that falls on an epoch's last batch is left to the save at the epoch's end, after validation,
     so that a resumed run starts the next epoch from where the straight run did.
+
+    Stop signals. During training, SIGTERM and the first SIGINT only raise a flag: the step in progress finishes, then
+    ``last.ckpt`` is written at that step (on an epoch's last batch, after the epoch's validation) and the run exits
+    with ``TrainingInterrupted`` (status 143 or 130), never 0. Under DDP the ranks agree on the step with one
+    all-reduce of a flag per step, so a signal that reaches only one process stops all of them at the same batch. A
+    second SIGINT interrupts at once, without saving. Lightning's own SIGTERM handling (stop at the batch's end, save
+    nothing, exit 0) is replaced while training runs and restored afterwards.
+
+    At the start of ``fit`` the folder is checked for writability (an error before the first step instead of at the
+    first save), and temporary files left by a writer killed mid-save are removed
+    (``zoo.checkpoint.remove_stale_temporaries``).
     """
 
     def __init__(
@@ -180,7 +222,24 @@ class LastCheckpoint(ModelCheckpoint):
             save_last=True,
             every_n_train_steps=None if train_time_interval else every_n_train_steps,
             train_time_interval=train_time_interval,
+            enable_version_counter=False,  # always `last.ckpt`, never a `last-v1.ckpt` beside an older run's file
         )
+        self._stop_signal: Optional[int] = None
+        self._previous_handlers: dict[int, Any] = {}
+
+    def setup(self, trainer: "L.Trainer", pl_module: "L.LightningModule", stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage != "fit" or not self.dirpath or type(get_filesystem(self.dirpath)).__name__ != "LocalFileSystem":
+            return
+        problem = None
+        if trainer.is_global_zero:
+            problem = _check_writable(self.dirpath)
+            if problem is None:
+                for path in remove_stale_temporaries(self.dirpath):
+                    rank_zero_info(f"[checkpoint] removed {path}, left by a save that was killed mid-write")
+        problem = trainer.strategy.broadcast(problem, src=0)
+        if problem:
+            raise PermissionError(problem)
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
@@ -196,6 +255,7 @@ class LastCheckpoint(ModelCheckpoint):
 
     def on_train_start(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> None:
         super().on_train_start(trainer, pl_module)
+        self._install_signal_handlers(trainer)
         # Restored here, after Lightning built the loaders and ran its sanity check, right before the next batch.
         states, self._rng_states_to_restore = getattr(self, "_rng_states_to_restore", None), None
         if states is None or trainer.world_size > 1:
@@ -213,8 +273,10 @@ class LastCheckpoint(ModelCheckpoint):
 
     def on_train_batch_end(self, trainer: "L.Trainer", pl_module: "L.LightningModule", outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if not trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
-            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            return  # the epoch-end save (after validation) covers this step, and so does a stop signal
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        self._stop_if_signalled(trainer)
 
     def _save_last_now(self, trainer: "L.Trainer") -> None:
         if self._should_skip_saving_checkpoint(trainer) or self._last_global_step_saved == trainer.global_step:
@@ -223,19 +285,134 @@ class LastCheckpoint(ModelCheckpoint):
 
     def on_train_epoch_end(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> None:
         self._save_last_now(trainer)
+        self._stop_if_signalled(trainer)
 
     def on_train_end(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> None:
+        self._restore_signal_handlers()
         self._save_last_now(trainer)
+
+    def on_exception(self, trainer: "L.Trainer", pl_module: "L.LightningModule", exception: BaseException) -> None:
+        self._restore_signal_handlers()
+
+    def teardown(self, trainer: "L.Trainer", pl_module: "L.LightningModule", stage: str) -> None:
+        self._restore_signal_handlers()
+
+    # -- stop signals ----------------------------------------------------------------------------------------------
+
+    def _install_signal_handlers(self, trainer: "L.Trainer") -> None:
+        self._stop_signal = None
+        if threading.current_thread() is not threading.main_thread() or self._previous_handlers:
+            return
+
+        def request_stop(signum: int, frame: Any) -> None:
+            if self._stop_signal is not None and signum == signal.SIGINT:
+                raise KeyboardInterrupt  # a second Ctrl-C: stop now, without saving
+            first = self._stop_signal is None
+            self._stop_signal = signum
+            if first:
+                name = signal.Signals(signum).name
+                log.warning(f"[checkpoint] {name} received: finishing this step, then saving last.ckpt "
+                            "(press Ctrl-C again to stop at once without saving)")
+                launcher = trainer.strategy.launcher
+                if launcher is not None and hasattr(launcher, "kill"):
+                    launcher.kill(signum)  # DDP processes that Lightning started: pass the signal on, as it does
+
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            self._previous_handlers[signum] = signal.getsignal(signum)
+            signal.signal(signum, request_stop)
+
+    def _restore_signal_handlers(self) -> None:
+        for signum, handler in self._previous_handlers.items():
+            if handler is not None and threading.current_thread() is threading.main_thread():
+                signal.signal(signum, handler)
+        self._previous_handlers = {}
+
+    def _stop_if_signalled(self, trainer: "L.Trainer") -> None:
+        signum = self._stop_signal or 0
+        if trainer.world_size > 1:
+            mine = torch.tensor(signum, device=trainer.strategy.root_device)
+            signum = int(trainer.strategy.reduce(mine, reduce_op="max"))
+        if not signum:
+            return
+        self._save_last_now(trainer)
+        name = signal.Signals(signum).name
+        message = (f"{name}: training stopped after global step {trainer.global_step}; {self.last_model_path} holds "
+                   "that step. Continue with the same command and --ckpt_path last.")
+        if trainer.is_global_zero:
+            log.warning(message)
+        raise TrainingInterrupted(signum, message)
+
+
+class MonitorKeyError(KeyError):
+    """Raised by ``BestCheckpoint`` when its monitored key is never logged; the message lists the logged keys."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class BestCheckpoint(ModelCheckpoint):
+    """Lightning's ``ModelCheckpoint`` (the CLI's ``checkpoint``: best on a monitored metric), failing early and
+    without losing work when the monitored key is never logged (a typo such as ``val/accuracy``).
+
+    Lightning finds such a key only at the first save after a validation, an epoch into training, with nothing
+    saved. Here a validation key (``val...``) is checked when validation metrics first exist, at the sanity check
+    before the first training step, provided the model logged any validation metric there. Any other missing key
+    still fails where Lightning finds it, but only after ``last.ckpt`` is written for the step.
+    """
+
+    def _missing_monitor(self, trainer: "L.Trainer", logged: Sequence[str]) -> MonitorKeyError:
+        keys = ", ".join(sorted(k for k in logged if k not in ("epoch", "step"))) or "none"
+        return MonitorKeyError(
+            f"checkpoint.monitor={self.monitor!r} is not a logged metric. Logged: {keys}. "
+            f"Set --checkpoint.monitor to one of them (or null to keep only last.ckpt)."
+        )
+
+    def on_validation_end(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> None:
+        if trainer.sanity_checking and self.monitor and self.monitor.startswith("val"):
+            logged = list(trainer.callback_metrics)
+            if any(k.startswith("val") for k in logged) and self.monitor not in logged:
+                raise self._missing_monitor(trainer, logged)
+        super().on_validation_end(trainer, pl_module)
+
+    def _save_topk_checkpoint(self, trainer: "L.Trainer", monitor_candidates: dict[str, torch.Tensor]) -> None:
+        if (self.save_top_k != 0 and self.monitor is not None and self.monitor not in monitor_candidates
+                and trainer.fit_loop.epoch_loop.val_loop._has_run):
+            for callback in trainer.checkpoint_callbacks:
+                if isinstance(callback, LastCheckpoint):
+                    callback._save_last_now(trainer)
+            raise self._missing_monitor(trainer, list(monitor_candidates))
+        super()._save_topk_checkpoint(trainer, monitor_candidates)
 
 
 class NonFiniteLossError(FloatingPointError):
-    """Raised by ``NonFiniteLossGuard``; the message names the step and the batch."""
+    """Raised by ``NonFiniteLossGuard``; the message names the step and the batch, or the non-finite tensors."""
+
+
+def non_finite_tensors(checkpoint: dict[str, Any]) -> list[str]:
+    """Names of the floating-point tensors of a Lightning checkpoint dict that hold NaN or Inf: the ``state_dict``
+    (parameters and buffers: EMA teachers, memory banks) and every optimizer's state."""
+    named: list[tuple[str, torch.Tensor]] = [
+        (f"state_dict.{k}", v) for k, v in checkpoint.get("state_dict", {}).items()
+        if isinstance(v, torch.Tensor) and v.is_floating_point()
+    ]
+    for i, optimizer_state in enumerate(checkpoint.get("optimizer_states", [])):
+        for param_id, slots in optimizer_state.get("state", {}).items():
+            named += [(f"optimizer_states[{i}].state[{param_id}].{k}", v) for k, v in slots.items()
+                      if isinstance(v, torch.Tensor) and v.is_floating_point()]
+    if not named:
+        return []
+    finite = torch.stack([torch.isfinite(v).all() for _, v in named]).cpu()  # one device sync, not one per tensor
+    return [name for (name, _), ok in zip(named, finite.tolist()) if not ok]
 
 
 class NonFiniteLossGuard(Callback):
-    """Stops training at the first NaN/Inf loss, before its backward pass and optimizer step.
+    """Stops training at the first NaN/Inf loss, before its backward pass and optimizer step, and never lets a
+    checkpoint with non-finite weights or optimizer state be written.
 
-    Nothing is written after the bad step, so the newest checkpoint still holds finite weights. The check runs in
+    A finite loss can still give a non-finite update (a learning rate that overshoots in one step); the loss of the
+    next step shows it, but a step save may fall in between. So every checkpoint is checked in
+    ``on_save_checkpoint``, before any file is written: non-finite parameters, buffers or optimizer state stop the
+    run there with the tensors named, and the previous checkpoint stays the newest. The loss check runs in
     ``on_before_backward``, which Lightning calls for automatic optimisation and for every ``manual_backward``, and is
     reduced over ranks so that under DDP every process stops together instead of hanging in the next all-reduce.
     """
@@ -246,18 +423,39 @@ class NonFiniteLossGuard(Callback):
     def on_train_batch_start(self, trainer: "L.Trainer", pl_module: "L.LightningModule", batch: Any, batch_idx: int) -> None:
         self._batch_idx = batch_idx
 
+    @staticmethod
+    def _last_good(trainer: "L.Trainer") -> str:
+        saves = [(c._last_global_step_saved, c.last_model_path) for c in trainer.checkpoint_callbacks
+                 if isinstance(c, LastCheckpoint) and c._last_global_step_saved > 0 and c.last_model_path]
+        if saves:
+            step, path = max(saves)
+            return (f" The last checkpoint, {path} (global step {step}), holds finite weights: every checkpoint is "
+                    "checked before it is written.")
+        if trainer.ckpt_path:
+            return f" Nothing was saved in this run; {trainer.ckpt_path}, which it resumed from, is unchanged."
+        return " No checkpoint was written."
+
     def on_before_backward(self, trainer: "L.Trainer", pl_module: "L.LightningModule", loss: torch.Tensor) -> None:
         bad_here = not bool(torch.isfinite(loss.detach()).all())
         if not trainer.strategy.reduce_boolean_decision(bad_here, all=False):
             return
         where = f"global step {trainer.global_step} (epoch {trainer.current_epoch}, batch {self._batch_idx})"
         what = f"loss = {loss.detach().float().cpu().tolist()}" if bad_here else "another rank's loss"
-        last = [cb.last_model_path for cb in trainer.checkpoint_callbacks if getattr(cb, "last_model_path", "")]
-        kept = f" The last checkpoint, {last[0]}, was written before this step and is intact." if last else ""
         raise NonFiniteLossError(
-            f"Non-finite {what} at {where}; training stopped before the backward pass.{kept} "
+            f"Non-finite {what} at {where}; training stopped before the backward pass.{self._last_good(trainer)} "
             "Try a lower learning rate, gradient clipping (--trainer.gradient_clip_val 1.0), fp32 instead of fp16, "
             "or look for NaN/Inf values in that batch."
+        )
+
+    def on_save_checkpoint(self, trainer: "L.Trainer", pl_module: "L.LightningModule", checkpoint: dict[str, Any]) -> None:
+        bad = non_finite_tensors(checkpoint)
+        if not bad:
+            return
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise NonFiniteLossError(
+            f"Non-finite values after global step {trainer.global_step} (epoch {trainer.current_epoch}) in {len(bad)} "
+            f"tensors: {shown}. An update diverged although its loss was finite; this checkpoint was not written."
+            f"{self._last_good(trainer)} Try a lower learning rate or gradient clipping (--trainer.gradient_clip_val 1.0)."
         )
 
 

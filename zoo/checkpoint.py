@@ -8,6 +8,8 @@ match, reporting the rest instead of failing on them, so a new head with another
 from __future__ import annotations
 
 import os
+import re
+import socket
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +20,8 @@ from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import nn
 
-__all__ = ["LoadReport", "read_state_dict", "remap_keys", "load_weights", "AtomicCheckpointIO"]
+__all__ = ["LoadReport", "read_state_dict", "remap_keys", "load_weights", "AtomicCheckpointIO",
+           "remove_stale_temporaries"]
 
 
 @dataclass
@@ -103,11 +106,49 @@ def load_weights(
     return report
 
 
+def _host() -> str:
+    return socket.gethostname().replace(".", "_")
+
+
+def _temporary_prefix(path: Path) -> str:
+    # The writer's host and process id are in the name, so that a later run can tell a file left by a killed writer
+    # from one that a live process is still writing.
+    return f".{path.name}.{_host()}-{os.getpid()}."
+
+
+_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?P<host>[^.]+)-(?P<pid>\d+)\.[^.]+\.tmp$")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's live process
+    return True
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files that ``AtomicCheckpointIO`` left in ``folder`` when its process was killed mid-write
+    (on this host, by a process that no longer exists); return their paths. Files of live writers and of other hosts
+    are kept."""
+    removed = []
+    host = _host()
+    for path in Path(folder).glob(".*.tmp"):
+        match = _TEMPORARY.match(path.name)
+        if match and match["host"] == host and not _pid_alive(int(match["pid"])):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes each checkpoint to a temporary file and renames it into place.
+    """Writes each checkpoint to a temporary file and renames it into place, with the permissions of a plain write.
 
     A run killed while saving (SIGKILL, OOM, pre-emption) leaves the previous ``last.ckpt`` whole instead of a
-    truncated file that ``--ckpt_path last`` cannot read. Remote paths (``s3://``...) fall back to the plain write.
+    truncated file that ``--ckpt_path last`` cannot read; the temporary file it leaves behind is removed by the next
+    run (``remove_stale_temporaries``). Remote paths (``s3://``...) fall back to the plain write.
     """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
@@ -116,12 +157,16 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return super().save_checkpoint(checkpoint, path, storage_options)
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=_temporary_prefix(path), suffix=".tmp", dir=path.parent)
         try:
             with os.fdopen(fd, "wb") as f:
                 torch.save(checkpoint, f)
                 f.flush()
                 os.fsync(f.fileno())
+            # mkstemp creates the file 0600; a plain open() would have given 0666 less the umask.
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

@@ -52,6 +52,8 @@ def parse_coco(annotations: str | Path, images: str | Path, skip_empty: bool = F
         skip_empty: drop images without a non-crowd box (for training).
 
     Raises:
+        ValueError: naming the json file and the keys it lacks, when it is not a dict with ``images``,
+            ``annotations`` and ``categories`` (an image-info json has no annotations);
         ValueError: naming the json file and the image id, for a bbox that is not 4 finite numbers with width and
             height ≥ 0, an unknown ``category_id``, an annotation of an image id that is not in ``images``, or an
             image entry without ``file_name``/``width``/``height``.
@@ -62,8 +64,13 @@ def parse_coco(annotations: str | Path, images: str | Path, skip_empty: bool = F
             data = json.load(handle)
     except json.JSONDecodeError as err:
         raise ValueError(f"'{json_path}' is not valid json: {err}") from err
-    if not isinstance(data, dict) or not all(key in data for key in ("images", "categories")):
-        raise ValueError(f"'{json_path}' is not a COCO detection file (needs 'images', 'categories', 'annotations')")
+    required = ("images", "annotations", "categories")
+    missing = [key for key in required if key not in data] if isinstance(data, dict) else list(required)
+    if missing:
+        # an image-info json (e.g. image_info_test-dev2017.json) has no 'annotations': nothing to train or score on
+        found = f"it lacks {missing}" if isinstance(data, dict) else f"it holds a {type(data).__name__}"
+        raise ValueError(f"'{json_path}' is not a COCO detection file: {found} (a COCO object-detection json is a "
+                         f"dict with 'images', 'annotations' and 'categories'); expected\n{COCO_LAYOUT}")
     categories = sorted(data["categories"], key=lambda c: c["id"])
     category_ids = [int(c["id"]) for c in categories]
     class_names = [str(c.get("name", c["id"])) for c in categories]
@@ -71,7 +78,7 @@ def parse_coco(annotations: str | Path, images: str | Path, skip_empty: bool = F
 
     image_entries = sorted(data["images"], key=lambda entry: entry["id"])
     by_image: dict[Any, list[dict]] = {entry["id"]: [] for entry in image_entries}
-    for ann in data.get("annotations", []):
+    for ann in data["annotations"]:
         owner = by_image.get(ann.get("image_id"))
         if owner is None:
             raise _coco_error(json_path, ann.get("image_id"),

@@ -290,9 +290,18 @@ class OmniglotDataModule(FewShotDataModule):
         self.val_alphabets, self.split_dir = val_alphabets, split_dir
 
     def _characters(self, folder: str) -> list[Path]:
-        base = require_path(self.root / folder, "Omniglot", _OMNIGLOT_LAYOUT,
-                            "https://github.com/brendenlake/omniglot (python/images_*.zip), or GlyphsDataModule")
-        return sorted(c for a in sorted(base.iterdir()) if a.is_dir() for c in sorted(a.iterdir()) if c.is_dir())
+        """The character folders ``<folder>/<alphabet>/<characterNN>``; a folder without any is an error naming it
+        (an empty ``images_background`` would otherwise surface as "0 alphabets found", naming nothing)."""
+        how_to_get = "https://github.com/brendenlake/omniglot (python/images_*.zip), or GlyphsDataModule"
+        base = require_path(self.root / folder, "Omniglot", _OMNIGLOT_LAYOUT, how_to_get)
+        characters = sorted(c for a in sorted(base.iterdir()) if a.is_dir() for c in sorted(a.iterdir()) if c.is_dir())
+        if not characters:
+            raise DatasetNotFoundError(
+                f"Omniglot folder '{base}' holds no character folders; expected "
+                f"{folder}/<alphabet>/<characterNN>/<id>_<drawer>.png, i.e.\n{_OMNIGLOT_LAYOUT}\nHow to get it: "
+                f"{how_to_get}"
+            )
+        return characters
 
     def _split_from(self, characters: list[Path], rotations: Sequence[int]) -> _Split:
         names, files, rots = [], [], []
@@ -383,9 +392,21 @@ class CloserLookDataModule(FewShotDataModule):
                 raise ValueError(f"'{path}' is not a CloserLook split file ({err!r}); expected\n{_CLOSERLOOK_LAYOUT}")
             if len(names) != len(labels):
                 raise ValueError(f"'{path}': {len(names)} image_names but {len(labels)} image_labels")
+            not_int = [label for label in labels if not isinstance(label, int) or isinstance(label, bool)]
+            if not_int:
+                bad = not_int[0]
+                raise ValueError(f"'{path}': image_labels must be integers indexing label_names, got {bad!r}; "
+                                 f"expected\n{_CLOSERLOOK_LAYOUT}")
+            # a label indexes label_names: past its end (or negative, which Python would index from the end) it
+            # names no class, and the split would fail later without naming the file
+            if labels and (min(labels) < 0 or max(labels) >= len(label_names)):
+                bad = min(labels) if min(labels) < 0 else max(labels)
+                raise ValueError(f"'{path}': image_labels holds the label {bad} but label_names has "
+                                 f"{len(label_names)} entries (labels must lie in 0..{len(label_names) - 1}); "
+                                 f"expected\n{_CLOSERLOOK_LAYOUT}")
             by_label: dict[int, list[Path]] = {}
             for name, label in zip(names, labels):
-                by_label.setdefault(int(label), []).append(Path(name) if os.path.isabs(name) else self.root / name)
+                by_label.setdefault(label, []).append(Path(name) if os.path.isabs(name) else self.root / name)
             ordered = sorted(by_label)
             splits[split] = _Split([str(label_names[c]) for c in ordered], [by_label[c] for c in ordered],
                                    [0] * len(ordered))

@@ -40,6 +40,10 @@ class UnpairedTranslationModule(L.LightningModule):
             ``max_steps // 2`` when ``trainer.max_steps`` is set.
     """
 
+    # Each optimizer's backward pass leaves the other group without gradient: under DDP the zoo CLI turns a plain
+    # `strategy: ddp` into DDPStrategy(find_unused_parameters=True) for modules that say so here.
+    ddp_find_unused_parameters = True
+
     def __init__(self, *, lr: float = 1e-4, betas: tuple[float, float] = (0.5, 0.999), weight_decay: float = 1e-4,
                  decay_lr: bool = True, total_iterations: int | None = None) -> None:
         super().__init__()

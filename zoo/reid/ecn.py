@@ -278,9 +278,11 @@ class ECN(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True, **log)
         return loss
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_after_backward(self) -> None:
         # After backward (the step's gradient used the old slots), before the next forward: eq. 2 on the whole
-        # global batch, so that every DDP rank applies the same update to its copy of the memory.
+        # global batch, so that every DDP rank applies the same update to its copy of the memory. Not in
+        # on_train_batch_end: that hook runs after the checkpoint callbacks, so a step's last.ckpt would hold the
+        # memory one batch behind the weights.
         if self._pending is None:
             return
         embedding, indices = self._pending

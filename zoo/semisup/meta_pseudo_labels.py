@@ -110,6 +110,10 @@ class MetaPseudoLabels(ClassificationModule):
     ``max_steps: 2N`` trains ``N`` batches; schedules use ``mpl_step``, a checkpointed count of batches.
     """
 
+    # Each optimizer's backward pass leaves the other group without gradient: under DDP the zoo CLI turns a plain
+    # `strategy: ddp` into DDPStrategy(find_unused_parameters=True) for modules that say so here.
+    ddp_find_unused_parameters = True
+
     def __init__(
         self,
         *,
