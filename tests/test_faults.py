@@ -120,6 +120,12 @@ def test_a_stop_signal_saves_last_ckpt_at_that_step_and_exits_non_zero(tmp_path,
     assert _load(last)["global_step"] == 10
 
 
+def test_sigterm_during_test_exits_non_zero(tmp_path):
+    result = run_zoo("test", *quiet_args(tmp_path, "--trainer.limit_test_batches=5",
+                                         "--trainer.callbacks=[{class_path: helpers.SignalAtTestBatch}]"))
+    assert result.returncode == 143 and "SIGTERM" in result.stderr, result.stderr[-2000:]
+
+
 def test_a_signal_in_process_raises_training_interrupted_after_the_save(tmp_path):
     import signal
 
@@ -167,13 +173,13 @@ def _ecn_args(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["reid/ecn_synthetic", "semisup/mpl_digits", "semisup/uda_digits",
-                                  "semisup/entmin_digits"])
+                                  "semisup/entmin_digits", "gan/ugatit_digits"])
 def test_a_step_checkpoint_holds_the_state_of_that_step(tmp_path, name):
     """Memory banks, EMA teachers and their counters must be saved with the weights of the same step: the last step
     is saved by the step save (the end-of-training save then has nothing new), so the file must equal the live
     model once training has stopped."""
     extra = _ecn_args(tmp_path) if name.startswith("reid") else []
-    steps = 4  # MPL counts two optimizer steps per batch
+    steps = 4  # MPL and the GANs count two optimizer steps per batch
     args = quiet_args(tmp_path / "run", *extra, f"--trainer.max_steps={steps}", f"--last_checkpoint.every_n_train_steps={steps}",
                       "--trainer.limit_val_batches=0", config=ROOT / "configs" / f"{name}.yaml")
     cli = ZooCLI(args=["fit", *args])

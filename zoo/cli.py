@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -42,6 +43,7 @@ from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from zoo.callbacks import BestCheckpoint, FineTuning, LearningRateLogger, LastCheckpoint, NonFiniteLossGuard
 from zoo.checkpoint import AtomicCheckpointIO
@@ -246,6 +248,11 @@ def main(args: Optional[list[str]] = None) -> None:
     except ZooCLIError as err:
         print(f"zoo: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    except SIGTERMException:
+        # Outside training (test, validate, predict) Lightning's SIGTERM handling stops the loop with a SystemExit
+        # of status 0; nothing is left to save, but the run did not finish.
+        print("zoo: stopped by SIGTERM before the end", file=sys.stderr)
+        raise SystemExit(128 + signal.SIGTERM) from None
 
 
 if __name__ == "__main__":
