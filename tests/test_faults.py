@@ -288,3 +288,12 @@ def test_the_readme_ddp_line_trains_mpl_on_two_cpu_processes(tmp_path):
                                         "--trainer.limit_val_batches=0", config=MPL), timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert _load(tmp_path / "checkpoints" / "last.ckpt")["global_step"] == 4
+
+
+def test_the_best_checkpoint_keeps_lightnings_state_key_so_older_runs_resume_their_best_score():
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from zoo.callbacks import BestCheckpoint
+
+    kwargs = {"monitor": "val/acc", "mode": "max", "every_n_train_steps": 0}
+    assert BestCheckpoint(**kwargs).state_key == ModelCheckpoint(**kwargs).state_key

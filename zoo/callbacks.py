@@ -359,6 +359,12 @@ class BestCheckpoint(ModelCheckpoint):
     still fails where Lightning finds it, but only after ``last.ckpt`` is written for the step.
     """
 
+    @property
+    def state_key(self) -> str:
+        # The key of Lightning's ModelCheckpoint, which the CLI used before: a run checkpointed then resumes its best
+        # score instead of starting the ranking afresh.
+        return "ModelCheckpoint" + super().state_key[len(type(self).__qualname__):]
+
     def _missing_monitor(self, trainer: "L.Trainer", logged: Sequence[str]) -> MonitorKeyError:
         keys = ", ".join(sorted(k for k in logged if k not in ("epoch", "step"))) or "none"
         return MonitorKeyError(
