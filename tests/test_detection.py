@@ -92,6 +92,31 @@ def test_atss_positives_are_candidates_above_mean_plus_std_with_centres_inside()
             assert ((c > gt[g, :2]) & (c < gt[g, 2:])).all()
 
 
+def test_atss_candidates_rank_near_ties_exactly_at_coco_image_sizes():
+    """Box centres within 0.003 px of anchor-cell corners on a 1333 x 800 image: several anchors are almost equally
+    far, and the 9 nearest per level must be those of an exact (float64) distance, as the official code's direct
+    ``sqrt(sum((a - b)^2))`` gives; ``torch.cdist``'s matrix-multiply path (used above 25 rows) is ~0.1 px^2 off."""
+    strides = [8, 16, 32, 64, 128]
+    anchors = square_anchors([(math.ceil(800 / s), math.ceil(1333 / s)) for s in strides], strides, scale=8)
+    generator = torch.Generator().manual_seed(0)
+    corners = torch.stack([torch.randint(20, 166, (40,), generator=generator) * 8,
+                           torch.randint(10, 100, (40,), generator=generator) * 8], dim=1).float()
+    offsets = (torch.rand(40, 2, generator=generator) - 0.5) * 0.006  # within ±0.003 px of the corner
+    centres = corners + offsets
+    sizes = torch.rand(40, 2, generator=generator) * 150 + 20
+    gt = torch.cat([centres - sizes / 2, centres + sizes / 2], dim=1)
+    out = ATSSAssigner(topk=9).assign(anchors.boxes, anchors.num_per_level, gt)
+
+    exact = (anchors.centers.double()[:, None] - ((gt[:, :2] + gt[:, 2:]) / 2).double()[None]).pow(2).sum(-1).sqrt()
+    start = 0
+    for level, count in enumerate(anchors.num_per_level):
+        expected = exact[start:start + count].topk(9, dim=0, largest=False).indices + start  # (9, G)
+        got = out.candidates[level * 9:(level + 1) * 9]
+        for g in range(len(gt)):
+            assert set(got[:, g].tolist()) == set(expected[:, g].tolist()), (level, g)
+        start += count
+
+
 def test_atss_gives_a_shared_anchor_to_the_higher_iou_box_and_survives_tiny_levels():
     anchors = square_anchors([(4, 4), (1, 1)], [8, 32], scale=4)  # 1x1 top level: topk > anchors there
     gt = torch.tensor([[0.0, 0, 20, 20], [2.0, 2, 30, 30]])
