@@ -60,6 +60,12 @@ def _voc07_match(pred: dict, target: dict, label: int, iou_threshold: float
     return scores.numpy()[counted], true_positive[counted], counted, int((~difficult).sum())
 
 
+# pycocotools' Params (np.linspace in float64). torchmetrics' defaults come from a float32 torch.linspace, so a recall of
+# exactly k/100 can fall on the next recall point and move mAP by up to 0.002.
+COCO_IOU_THRESHOLDS = np.linspace(0.5, 0.95, int(np.round((0.95 - 0.5) / 0.05)) + 1, endpoint=True).tolist()
+COCO_RECALL_THRESHOLDS = np.linspace(0.0, 1.00, int(np.round((1.00 - 0.0) / 0.01)) + 1, endpoint=True).tolist()
+
+
 class DetectionMetrics(Metric):
     """COCO box mAP (``map``, ``map_50``, ``map_75``, ``map_small|medium|large``, ``mar_100``) and, with
     ``voc07=True``, ``voc07_map50``: VOC2007's 11-point AP at IoU 0.5, difficult objects (``iscrowd``) ignored.
@@ -116,7 +122,8 @@ class DetectionMetrics(Metric):
 
     def compute(self) -> dict[str, torch.Tensor]:
         preds, targets = self._per_image()
-        coco = MeanAveragePrecision(box_format="xyxy", iou_type="bbox", backend="faster_coco_eval", sync_on_compute=False)
+        coco = MeanAveragePrecision(box_format="xyxy", iou_type="bbox", backend="faster_coco_eval", sync_on_compute=False,
+                                    iou_thresholds=COCO_IOU_THRESHOLDS, rec_thresholds=COCO_RECALL_THRESHOLDS)
         coco.update(preds, [dict(boxes=t["boxes"], labels=t["labels"], iscrowd=t["iscrowd"].long()) for t in targets])
         summary = coco.compute()
         keys = ("map", "map_50", "map_75", "map_small", "map_medium", "map_large", "mar_100")
