@@ -1,5 +1,6 @@
 """Unpaired translation data: CycleGAN-layout folders, independent A/B streams, DDP shards, labels, digit domains."""
 
+import collections
 import csv
 import json
 from pathlib import Path
@@ -260,20 +261,28 @@ def test_digit_domains_layout_counts_and_labels(digit_domains):
     from sklearn.datasets import load_digits
 
     counts = {split: len(list_images(digit_domains / split)) for split in ("trainA", "trainB", "testA", "testB")}
-    assert counts == {"trainA": 750, "trainB": 750, "testA": 149, "testB": 148}
+    assert counts == {"trainA": 751, "trainB": 749, "testA": 150, "testB": 147}
     target = load_digits().target
     with open(digit_domains / "labels.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
-    assert len(rows) == 1797
+    assert len(rows) == 1797 and len({row["file"] for row in rows}) == 1797  # every digit once, in one folder
+    per_class = collections.Counter()
     for row in rows:
         index = int(row["file"][:-4])
         assert (digit_domains / row["split"] / row["file"]).is_file()
         assert int(row["label"]) == target[index]
-        assert row["split"] == ("train" if index < 1500 else "test") + ("A" if index % 2 == 0 else "B")
-    with Image.open(digit_domains / "testB" / "01795.png") as im:
+        per_class[row["split"], int(row["label"])] += 1
+    # Stratified: every digit holds its share of each split and domain (sklearn's order gave 6-25 per test domain).
+    for digit in range(10):
+        test_a, test_b = per_class["testA", digit], per_class["testB", digit]
+        train_a, train_b = per_class["trainA", digit], per_class["trainB", digit]
+        assert 14 <= test_a <= 16 and 14 <= test_b <= 16 and abs(test_a - test_b) <= 1 and abs(train_a - train_b) <= 1
+        share = (test_a + test_b) / (test_a + test_b + train_a + train_b)
+        assert abs(share - gan_digit_domains.TEST_FRACTION) < 0.01
+    with Image.open(next((digit_domains / "testB").iterdir())) as im:
         assert im.size == (32, 32) and im.mode == "RGB" and im.format == "PNG"
     assert json.loads((digit_domains / "generated.json").read_text()) == {
-        "generator": "gan_digit_domains", "version": 1, "params": {"image_size": 32, "seed": 0}}
+        "generator": "gan_digit_domains", "version": 2, "params": {"image_size": 32, "seed": 0}}
 
 
 def test_digit_domains_differ_as_designed(digit_domains):
@@ -303,9 +312,10 @@ def test_both_domains_place_the_same_digit_the_same_way():
 def test_digit_domains_are_deterministic_and_written_once(digit_domains):
     from sklearn.datasets import load_digits
 
-    png = digit_domains / "trainA" / "00012.png"
+    png = sorted((digit_domains / "trainA").iterdir())[3]
+    index = int(png.stem)
     assert np.array_equal(np.asarray(Image.open(png)),
-                          render_digit(load_digits().images[12], "A", 32, np.random.default_rng((0, 12))))
+                          render_digit(load_digits().images[index], "A", 32, np.random.default_rng((0, index))))
     stamps = {p: p.stat().st_mtime_ns for p in (png, digit_domains / "labels.csv", digit_domains / "generated.json")}
     assert write_digit_domains(digit_domains) == digit_domains
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
@@ -318,16 +328,19 @@ def test_a_parameter_change_rewrites_and_the_datamodule_writes_on_first_use(tmp_
     assert json.loads((root / "generated.json").read_text())["params"]["image_size"] == 16
     from sklearn.datasets import load_digits
 
-    assert len(dm.train_a) == 750 and dm.flip is False
-    assert dm.test_b.labels == load_digits().target[1501::2].tolist()
+    assert len(dm.train_a) == 751 and dm.flip is False
+    folders = gan_digit_domains.split_of_every_digit(load_digits().target, 0)
+    assert dm.test_b.labels == [int(label) for label, folder in zip(load_digits().target, folders) if folder == "testB"]
     batch = _batches(dm.train_dataloader())[0]
     assert batch["A"][0].shape == (4, 3, 16, 16) and batch["B"][1].min() >= 0  # digit labels, not -1
-    before = (root / "trainA" / "00000.png").read_bytes()
+    before = {p.name: p.read_bytes() for p in (root / "trainA").iterdir()}
     write_digit_domains(root, image_size=16, seed=1)
     assert json.loads((root / "generated.json").read_text())["params"]["seed"] == 1
-    assert (root / "trainA" / "00000.png").read_bytes() != before
+    after = {p.name: p.read_bytes() for p in (root / "trainA").iterdir()}
+    assert after.keys() != before.keys()  # another seed draws another split
+    assert all(after[name] != before[name] for name in after.keys() & before.keys())  # and other renderings
     assert [p.name for p in tmp_path.iterdir()] == ["small"]  # no staging folder or old set left
-    assert len(list((root / "trainA").iterdir())) == 750
+    assert len(after) == len(folders) - folders.count("trainB") - folders.count("testA") - folders.count("testB")
 
 
 def test_overwrite_rewrites_the_digit_domains_and_a_foreign_root_is_refused(tmp_path, monkeypatch):
@@ -336,12 +349,12 @@ def test_overwrite_rewrites_the_digit_domains_and_a_foreign_root_is_refused(tmp_
     monkeypatch.setattr(gan_digit_domains, "render_digit",
                         lambda digit, domain, size, rng: np.full((size, size, 3), shade["value"], np.uint8))
     root = write_digit_domains(tmp_path / "digits", image_size=16)
-    png = root / "trainB" / "00001.png"
+    png = next((root / "trainB").iterdir())
     shade["value"] = 255
     write_digit_domains(root, image_size=16)  # the marker matches: nothing is rewritten
     assert np.asarray(Image.open(png)).max() == 0
     write_digit_domains(root, image_size=16, overwrite=True)
-    assert np.asarray(Image.open(png)).min() == 255 and len(list_images(root / "trainB")) == 750
+    assert np.asarray(Image.open(png)).min() == 255 and len(list_images(root / "trainB")) == 749
     assert [p.name for p in tmp_path.iterdir()] == ["digits"]  # no staging folder or old set left
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "trainA").mkdir()

@@ -3,16 +3,19 @@
 ``sklearn.datasets.load_digits`` ships 1,797 8×8 handwritten digits. This module renders them in two visual domains
 and writes them as PNGs in the CycleGAN / U-GAT-IT layout that ``datamodules.gan.UnpairedDataModule`` reads:
 
-    <root>/trainA/00000.png ...    digits 0..1499 (sklearn order), even indices, domain A
-    <root>/trainB/00001.png ...    digits 0..1499, odd indices, domain B
-    <root>/testA/01500.png ...     digits 1500..1796, even indices, domain A
-    <root>/testB/01501.png ...     digits 1500..1796, odd indices, domain B
+    <root>/trainA/<index>.png      domain A, training split (00000.png ...: sklearn's index)
+    <root>/trainB/...png           domain B, training split
+    <root>/testA/...png            domain A, test split
+    <root>/testB/...png            domain B, test split
     <root>/labels.csv              split,file,label: the digit of every file, for evaluation only
     <root>/generated.json          generation parameters, written last (see ``datamodules.generated.install``)
 
 A file's name is its sklearn index, and A and B never hold the same source digit, so the domains are truly
-unpaired. The default set has 750 / 750 training and 149 / 148 test images at 32² (about 3 s to write on one shared
-CPU core); every digit has 64–86 images per training domain but, in sklearn's order, only 6–25 per test domain.
+unpaired. The split is stratified (``split_of_every_digit``): every digit class gives ``TEST_FRACTION`` of its
+images to the test split, drawn by a seeded permutation, and its images alternate between A and B along that
+permutation within each split. The default set has 751 / 749 training and 150 / 147 test images at 32² (about 3 s
+to write on one shared CPU core); every digit has 72–77 images per training domain and 14–15 per test domain.
+(Version 1 of the set cut sklearn's order at index 1,500, which left only 6–25 images of a digit per test domain.)
 
 - **A, "pen on paper"**: near-white paper (grey 0.86–0.94 per image, faint pixel noise), thin dark ink (grey
   0.05–0.15), greyscale (R = G = B).
@@ -41,7 +44,7 @@ from scipy import ndimage
 
 from datamodules.generated.install import install_generated
 
-__all__ = ["write_digit_domains", "render_digit", "NEON_PALETTE", "NUM_TRAIN_DIGITS", "SPLITS"]
+__all__ = ["write_digit_domains", "render_digit", "split_of_every_digit", "NEON_PALETTE", "TEST_FRACTION", "SPLITS"]
 
 #: the four folders of the CycleGAN layout
 SPLITS = ("trainA", "trainB", "testA", "testB")
@@ -49,8 +52,27 @@ SPLITS = ("trainA", "trainB", "testA", "testB")
 #: saturated stroke colours of domain B (RGB)
 NEON_PALETTE = ((255, 40, 200), (0, 230, 255), (90, 255, 40), (255, 150, 0), (255, 240, 30), (255, 50, 80),
                 (60, 120, 255), (180, 70, 255))
-#: sklearn digits ``0 .. NUM_TRAIN_DIGITS - 1`` are the training split, the rest the test split
-NUM_TRAIN_DIGITS = 1500
+#: the share of every digit class in the test split (297 of the 1,797 digits, as many as version 1 held out)
+TEST_FRACTION = 297 / 1797
+
+
+def split_of_every_digit(labels: np.ndarray, seed: int) -> list[str]:
+    """The folder (``trainA``, ``trainB``, ``testA`` or ``testB``) of every digit, stratified by class.
+
+    For each class, a permutation drawn from ``default_rng((seed, "split", class))``: its first
+    ``round(n · TEST_FRACTION)`` images are the test split, the rest training, and within each split the images
+    alternate between A and B along the permutation (even classes start with A, odd ones with B, so the totals stay
+    even too): every class has as many A as B images (±1) in both splits.
+    """
+    folders = [""] * len(labels)
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        order = members[np.random.default_rng((seed, 1, int(label))).permutation(len(members))]
+        num_test = int(round(len(members) * TEST_FRACTION))
+        for split, part in (("test", order[:num_test]), ("train", order[num_test:])):
+            for position, index in enumerate(part):
+                folders[index] = split + ("A" if (position + int(label)) % 2 == 0 else "B")
+    return folders
 
 
 def _supersample(size: int) -> int:
@@ -142,11 +164,10 @@ def write_digit_domains(root: str | Path, image_size: int = 32, seed: int = 0, o
         for split in SPLITS:
             (folder / split).mkdir()
         digits = load_digits()
+        folders = split_of_every_digit(digits.target, seed)
         rows = []
-        for index, (digit, label) in enumerate(zip(digits.images, digits.target.tolist())):
-            domain = "A" if index % 2 == 0 else "B"
-            split = ("train" if index < NUM_TRAIN_DIGITS else "test") + domain
-            pixels = render_digit(digit, domain, image_size, np.random.default_rng((seed, index)))
+        for index, (digit, label, split) in enumerate(zip(digits.images, digits.target.tolist(), folders)):
+            pixels = render_digit(digit, split[-1], image_size, np.random.default_rng((seed, index)))
             name = f"{index:05d}.png"
             Image.fromarray(pixels).save(folder / split / name)
             rows.append((split, name, label))
@@ -155,5 +176,5 @@ def write_digit_domains(root: str | Path, image_size: int = 32, seed: int = 0, o
             writer.writerow(("split", "file", "label"))
             writer.writerows(sorted(rows, key=lambda row: (SPLITS.index(row[0]), row[1])))
 
-    return install_generated(root, generator="gan_digit_domains", version=1,
+    return install_generated(root, generator="gan_digit_domains", version=2,
                              params={"image_size": image_size, "seed": seed}, write=write, overwrite=overwrite)
