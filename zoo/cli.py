@@ -42,7 +42,7 @@ import yaml
 from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
-from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.strategies import StrategyRegistry
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from zoo.callbacks import BestCheckpoint, FineTuning, LearningRateLogger, LastCheckpoint, NonFiniteLossGuard
@@ -90,10 +90,6 @@ def _check_yaml(path: str) -> None:
         where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         what = " ".join(str(p) for p in (getattr(err, "context", None), getattr(err, "problem", None)) if p) or str(err)
         raise ZooCLIError(f"{path}{where} is not valid YAML: {what}") from None
-
-
-# Strategy names that Lightning turns into DDPStrategy, with their process start method.
-_DDP_START_METHODS = {"ddp": "popen", "ddp_spawn": "spawn", "ddp_fork": "fork", "ddp_notebook": "fork"}
 
 
 def _class_of(class_path: str) -> Any:
@@ -221,14 +217,14 @@ class ZooCLI(LightningCLI):
             # A precision or environment plugin must not turn the atomic checkpoint writer off.
             kwargs.setdefault("plugins", [*plugins, AtomicCheckpointIO()])
         strategy = trainer_config.get("strategy")
-        if (isinstance(strategy, str) and strategy in _DDP_START_METHODS
-                and getattr(self.model, "ddp_find_unused_parameters", False)):
+        unused = f"{strategy}_find_unused_parameters_true" if isinstance(strategy, str) else None
+        if unused in StrategyRegistry and getattr(self.model, "ddp_find_unused_parameters", False):
             # Modules with several optimizers (GANs, teacher/student) leave parameters without gradient in each
             # backward pass; DDP must be told so, or the README's `--trainer.strategy ddp` fails at the first step.
+            # Lightning registers the variant of every DDP strategy name (ddp, ddp_spawn, ddp_fork, ddp_notebook).
             print(f"[zoo] {type(self.model).__name__} trains with several optimizers: strategy {strategy!r} runs "
-                  "with find_unused_parameters=True", file=sys.stderr)
-            kwargs.setdefault("strategy", DDPStrategy(find_unused_parameters=True,
-                                                      start_method=_DDP_START_METHODS[strategy]))
+                  f"as {unused!r}", file=sys.stderr)
+            kwargs.setdefault("strategy", unused)
         return super().instantiate_trainer(**kwargs)
 
     def after_fit(self) -> None:
