@@ -29,7 +29,7 @@ from datamodules.sampler import EpochBatchSampler, RandomBatchSampler, ShardedRa
 
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "ZooDataModule", "ResumableDataLoader", "DatasetNotFoundError",
-    "CorruptImageError", "read_image", "require_path",
+    "CorruptImageError", "read_image", "require_path", "IMAGE_EXTENSIONS", "list_images", "ImageFileDataset",
 ]
 
 #: the normalisation of ImageNet-pretrained backbones (timm's and torchvision's defaults)
@@ -112,6 +112,47 @@ def read_image(path: str | Path, mode: str = "RGB") -> Image.Image:
         raise CorruptImageError(f"cannot decode image '{path}': {err}") from err
 
 
+#: the file endings ``list_images`` takes for images (lower case)
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+
+
+def list_images(folder: str | Path, what: str = "predict_dir") -> list[Path]:
+    """The image files under ``folder`` (recursively, sorted by path), or a ``DatasetNotFoundError`` naming the folder
+    when it is missing or holds no image."""
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise DatasetNotFoundError(f"{what}: '{folder.resolve()}' is not a folder. Expected a folder of images "
+                                   f"(any depth; endings {', '.join(IMAGE_EXTENSIONS)}).")
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    if not files:
+        raise DatasetNotFoundError(f"{what}: '{folder.resolve()}' holds no image (endings "
+                                   f"{', '.join(IMAGE_EXTENSIONS)}).")
+    return files
+
+
+class ImageFileDataset(Dataset):
+    """A list of image files for ``zoo predict``: item ``i`` is ``{"image": transform(image), "path": str,
+    "index": i, "size": tensor([height, width])}`` with the size of the file's image before the transform (detectors
+    scale their boxes back to it).
+
+    Args:
+        files: the image files (``list_images`` of a folder).
+        transform: maps the PIL image to the model's input tensor (the datamodule's ``predict_transform``).
+        mode: the PIL mode to read the images in (``"RGB"``, ``"L"``).
+    """
+
+    def __init__(self, files: list[Path], transform: Callable[[Image.Image], Any], mode: str = "RGB") -> None:
+        self.files, self.transform, self.mode = [Path(f) for f in files], transform, mode
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        image = read_image(self.files[index], self.mode)
+        return {"image": self.transform(image), "path": str(self.files[index]), "index": index,
+                "size": torch.tensor([image.height, image.width])}
+
+
 class _CountingIterator:
     """Passes a DataLoader iterator through and tells its ``ResumableDataLoader`` how far the epoch has gone."""
 
@@ -181,6 +222,8 @@ class ZooDataModule(L.LightningDataModule):
         eval_batch_size: batch size for validation, test and predict (default: ``batch_size``).
         num_workers: dataloader worker processes.
         pin_memory: pin host memory (useful on GPU).
+        predict_dir: a folder of one's own images for ``zoo predict`` (read by ``predict_sets``); ``None``: predict
+            on the test split.
     """
 
     def __init__(
@@ -190,8 +233,10 @@ class ZooDataModule(L.LightningDataModule):
         eval_batch_size: Optional[int] = None,
         num_workers: int = 0,
         pin_memory: bool = False,
+        predict_dir: Optional[str] = None,
     ) -> None:
         super().__init__()
+        self.predict_dir = predict_dir
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
@@ -307,5 +352,23 @@ class ZooDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader | list[DataLoader]:
         return self._evaluation_loaders("test")
 
+    #: the PIL mode ``predict_dir`` images are read in (``"L"`` for the grey-scale embedded defaults)
+    predict_image_mode: str = "RGB"
+
+    def predict_transform(self) -> Callable[[Image.Image], Any]:
+        """The transform of a ``predict_dir`` image: the test split's (resize, tensor, normalisation) for this data."""
+        raise NotImplementedError(f"{type(self).__name__} does not read a predict_dir folder; predict on its test "
+                                  "split (leave data.predict_dir unset)")
+
+    def predict_sets(self) -> Dataset | list[Dataset]:
+        """What ``zoo predict`` runs on: the images of ``predict_dir`` when it is set, else the test split(s)."""
+        if self.predict_dir is None:
+            return self.evaluation_sets("predict")
+        return ImageFileDataset(list_images(self.predict_dir), self.predict_transform(), self.predict_image_mode)
+
     def predict_dataloader(self) -> DataLoader | list[DataLoader]:
-        return self._evaluation_loaders("predict")
+        if self.predict_dir is None:
+            return self._evaluation_loaders("predict")
+        sets = self.predict_sets()
+        loaders = [self.eval_loader(dataset) for dataset in (sets if isinstance(sets, (list, tuple)) else [sets])]
+        return loaders if isinstance(sets, (list, tuple)) else loaders[0]

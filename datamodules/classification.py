@@ -1,6 +1,7 @@
 """Image-classification data on disk: a train/val/test folder tree, and CIFAR-10/100 through torchvision.
 
-The embedded default, scikit-learn's digits, is ``datamodules.digits.DigitsDataModule``.
+The embedded default, scikit-learn's digits, is ``datamodules.digits.DigitsDataModule``. ``zoo predict`` reads a folder
+of one's own images (``predict_dir``) through each datamodule's evaluation transform.
 """
 
 from __future__ import annotations
@@ -33,8 +34,10 @@ def _to_float_image(mean: Sequence[float], std: Sequence[float]) -> list[Callabl
 class ImageFolderDataModule(ZooDataModule):
     """Any dataset laid out as ``train/``, ``val/`` (and optionally ``test/``) folders of class sub-folders.
 
-    Training uses ``RandomResizedCrop`` + horizontal flip; evaluation resizes to ``image_size / crop_pct`` and
-    centre-crops (the ImageNet protocol). Images are read with PIL; an undecodable file fails with its path.
+    Training uses ``RandomResizedCrop`` + horizontal flip; evaluation (and ``predict_dir`` images) resizes to
+    ``image_size / crop_pct`` and centre-crops (the ImageNet protocol). Images are read with PIL; an undecodable file
+    fails with its path. The class names are the ``train/`` sub-folder names, so predicting on ``predict_dir`` still
+    reads the ``train/`` tree for them.
 
     Args:
         root: dataset root holding the split folders.
@@ -42,7 +45,7 @@ class ImageFolderDataModule(ZooDataModule):
         crop_pct: evaluation centre-crop fraction.
         mean, std: normalisation (ImageNet's by default, matching timm's pretrained weights).
         train_dir, val_dir, test_dir: split folder names under ``root``.
-        batch_size, eval_batch_size, num_workers, pin_memory: see ``ZooDataModule``.
+        batch_size, eval_batch_size, num_workers, pin_memory, predict_dir: see ``ZooDataModule``.
     """
 
     def __init__(
@@ -60,9 +63,10 @@ class ImageFolderDataModule(ZooDataModule):
         eval_batch_size: Optional[int] = None,
         num_workers: int = 4,
         pin_memory: bool = True,
+        predict_dir: Optional[str] = None,
     ) -> None:
         super().__init__(batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers,
-                         pin_memory=pin_memory)
+                         pin_memory=pin_memory, predict_dir=predict_dir)
         self.root = Path(root)
         self.image_size, self.crop_pct = image_size, crop_pct
         self.mean, self.std = tuple(mean), tuple(std)
@@ -78,6 +82,9 @@ class ImageFolderDataModule(ZooDataModule):
         resize = int(round(self.image_size / self.crop_pct))
         return v2.Compose([v2.Resize(resize, antialias=True), v2.CenterCrop(self.image_size),
                            *_to_float_image(self.mean, self.std)])
+
+    def predict_transform(self) -> Callable:
+        return self.eval_transform()
 
     def _folder(self, split: str, transform: Callable) -> datasets.ImageFolder:
         path = require_path(self.root / self.split_dirs[split], f"ImageFolder split '{split}'", _FOLDER_LAYOUT,
@@ -106,7 +113,9 @@ class CIFAR10DataModule(ZooDataModule):
     """CIFAR-10 through ``torchvision.datasets.CIFAR10`` (the python pickle batches).
 
     ``download`` is ``False`` by default: nothing is fetched unless asked. Validation is a seeded, class-stratified
-    hold-out of ``val_size`` training images; the official test set is the test split.
+    hold-out of ``val_size`` training images; the official test set is the test split. ``predict_dir`` images are
+    resized (shorter side) and centre-cropped to 32 px, then normalised as the test split; the class names come from
+    the release's meta file.
 
     Args:
         root: folder holding ``cifar-10-batches-py/``.
@@ -114,7 +123,7 @@ class CIFAR10DataModule(ZooDataModule):
         val_size: training images held out for validation (0 = validate on the test set, as many papers do).
         split_seed: seed of the hold-out.
         augment: random crop with 4-pixel padding and horizontal flip.
-        batch_size, eval_batch_size, num_workers, pin_memory: see ``ZooDataModule``.
+        batch_size, eval_batch_size, num_workers, pin_memory, predict_dir: see ``ZooDataModule``.
     """
 
     dataset_name = "CIFAR10"
@@ -134,10 +143,12 @@ class CIFAR10DataModule(ZooDataModule):
         eval_batch_size: Optional[int] = None,
         num_workers: int = 4,
         pin_memory: bool = True,
+        predict_dir: Optional[str] = None,
     ) -> None:
         super().__init__(batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers,
-                         pin_memory=pin_memory)
+                         pin_memory=pin_memory, predict_dir=predict_dir)
         self.root, self.download = Path(root), download
+        self.class_names: list[str] = []
         self.val_size, self.split_seed, self.augment = val_size, split_seed, augment
 
     def prepare_data(self) -> None:
@@ -147,12 +158,16 @@ class CIFAR10DataModule(ZooDataModule):
     def _dataset(self, train: bool, transform: Callable):
         return open_cifar(self.root, self.dataset_name, train, transform)
 
+    def predict_transform(self) -> Callable:
+        return v2.Compose([v2.Resize(32, antialias=True), v2.CenterCrop(32), *_to_float_image(self.mean, self.std)])
+
     def setup(self, stage: Optional[str] = None) -> None:
         augment = [v2.RandomCrop(32, padding=4), v2.RandomHorizontalFlip()] if self.augment else []
         train_tf = v2.Compose([*augment, *_to_float_image(self.mean, self.std)])
         eval_tf = v2.Compose(_to_float_image(self.mean, self.std))
         train_full = self._dataset(True, train_tf)
         self.test_set = self._dataset(False, eval_tf)
+        self.class_names = list(self.test_set.classes)
         if self.val_size > 0:
             targets = np.asarray(train_full.targets)
             rng = np.random.default_rng(self.split_seed)

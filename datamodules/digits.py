@@ -6,11 +6,14 @@ the semi-supervised digits (``datamodules.semisup``).
 ``sklearn.datasets.load_digits`` ships 1,797 8×8 grey images (16 levels) of the digits 0–9 with the library. The
 zoo resizes them (bilinear) to ``image_size`` once, keeps them in memory as tensors in [0, 1] and splits them with a
 seeded stratified split, so every run and every baseline sees the same train/val/test images.
+
+``zoo predict`` on a folder of one's own images (``predict_dir``) reads them as these are: grey (``channels: 1``),
+resized to ``image_size`` (bilinear), in [0, 1], light ink on a dark background as in scikit-learn's digits.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -22,7 +25,7 @@ from torchvision.transforms import v2
 
 from datamodules.base import ZooDataModule
 
-__all__ = ["load_digit_images", "split_indices", "TensorImageDataset", "DigitsDataModule"]
+__all__ = ["load_digit_images", "split_indices", "TensorImageDataset", "DigitsDataModule", "digit_image_transform"]
 
 
 def load_digit_images(image_size: int = 8, channels: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,6 +50,13 @@ def split_indices(
     val_share = val_fraction / (1.0 - test_fraction)
     train, val = train_test_split(trainval, test_size=val_share, stratify=labels[trainval], random_state=seed)
     return np.sort(train), np.sort(val), np.sort(test)
+
+
+def digit_image_transform(image_size: int) -> Callable[[Any], torch.Tensor]:
+    """A PIL image (or uint8 tensor) of a digit as the digits splits hold theirs: ``image_size`` square (bilinear,
+    antialiased when shrinking; upsampling an 8×8 file gives the split's own bilinear resize), floats in [0, 1]."""
+    return v2.Compose([v2.ToImage(), v2.Resize((image_size, image_size), antialias=True),
+                       v2.ToDtype(torch.float32, scale=True)])
 
 
 class TensorImageDataset(Dataset):
@@ -78,7 +88,8 @@ class DigitsDataModule(ZooDataModule):
         split_seed: seed of the stratified split (independent of the training seed).
         augment: random affine jitter (±10°, ±10 % shift, 0.9–1.1 scale) on training images; digits are never
             flipped, which would turn them into other symbols.
-        batch_size, eval_batch_size, num_workers, pin_memory: see ``ZooDataModule``.
+        batch_size, eval_batch_size, num_workers, pin_memory, predict_dir: see ``ZooDataModule``; ``predict_dir``
+            images are read grey (``channels: 1``) or RGB and resized to ``image_size`` like the test split.
     """
 
     def __init__(
@@ -95,10 +106,12 @@ class DigitsDataModule(ZooDataModule):
         eval_batch_size: Optional[int] = None,
         num_workers: int = 0,
         pin_memory: bool = False,
+        predict_dir: Optional[str] = None,
     ) -> None:
         super().__init__(batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers,
-                         pin_memory=pin_memory)
+                         pin_memory=pin_memory, predict_dir=predict_dir)
         self.image_size, self.channels = image_size, channels
+        self.predict_image_mode = "L" if channels == 1 else "RGB"
         self.classes = list(range(10)) if classes is None else list(classes)
         if not self.classes or len(set(self.classes)) != len(self.classes) or not set(self.classes) <= set(range(10)):
             raise ValueError(f"classes must be distinct digits 0-9, got {classes}")
@@ -125,6 +138,9 @@ class DigitsDataModule(ZooDataModule):
         if not self.augment:
             return None
         return v2.RandomAffine(degrees=10, translate=(0.1, 0.1), scale=(0.9, 1.1))
+
+    def predict_transform(self) -> Callable[[Any], torch.Tensor]:
+        return digit_image_transform(self.image_size)
 
     def setup(self, stage: Optional[str] = None) -> None:
         self._prepare_splits()

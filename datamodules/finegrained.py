@@ -11,6 +11,10 @@ Two kinds of training batches:
   ``datamodules.sampler.BalancedClassSampler``, which API-Net's pair mining needs (30 × 4 on CUB). The sampler gives
   every DDP rank its own classes and the same number of batches.
 
+``zoo predict`` runs on the test split, or with ``predict_dir`` on a folder of one's own images, resized and
+centre-cropped as the test images are (without the box or banner crops, which need annotations); the class names come
+from the dataset's annotation files, so they must be there.
+
 Validation: with ``val_fraction=0`` the validation loader runs on the test split, as the papers report (the benchmarks
 have no official validation set, except Aircraft with ``train_split="train"``); select the last epoch, not the best
 one, or the test number is optimistic. ``val_fraction > 0`` holds out a seeded fraction of every class of the training
@@ -156,7 +160,7 @@ class FineGrainedDataModule(ZooDataModule):
         crop_to_box: crop every image (training and evaluation) to its bounding box; needs the box annotations.
         seed: seed of the hold-out and of the balanced sampler (independent of the training seed).
         batch_size: shuffled training batch size, and the evaluation batch size unless ``eval_batch_size`` is set.
-        eval_batch_size, num_workers, pin_memory: see ``ZooDataModule``.
+        eval_batch_size, num_workers, pin_memory, predict_dir: see ``ZooDataModule``.
     """
 
     #: rows cut off at the bottom of every image (Aircraft's copyright banner)
@@ -180,9 +184,10 @@ class FineGrainedDataModule(ZooDataModule):
         eval_batch_size: Optional[int] = None,
         num_workers: int = 4,
         pin_memory: bool = False,
+        predict_dir: Optional[str] = None,
     ) -> None:
         super().__init__(batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers,
-                         pin_memory=pin_memory)
+                         pin_memory=pin_memory, predict_dir=predict_dir)
         if image_size > resize:
             raise ValueError(f"image_size ({image_size}) must not exceed resize ({resize}): it is a crop of the "
                              "resized image")
@@ -217,6 +222,10 @@ class FineGrainedDataModule(ZooDataModule):
     def eval_transform(self) -> Callable:
         return v2.Compose([v2.Resize((self.resize, self.resize), antialias=True), v2.CenterCrop(self.image_size),
                            *self._to_tensor()])
+
+    def predict_transform(self) -> Callable:
+        """A ``predict_dir`` image as a test image (resize, centre crop, normalisation)."""
+        return self.eval_transform()
 
     def _to_tensor(self) -> list[Callable]:
         return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(self.mean, self.std)]

@@ -24,13 +24,17 @@ crops), takes a random ``image_size²`` crop and flips horizontally; evaluation 
 scaled to [−1, 1] (mean = std = 0.5, the tanh range of the generators). ``load_size=None`` serves the images as
 they are (CycleGAN's ``--preprocess crop``): training only crops, evaluation serves the native size, and all images
 must then share one size, which ``setup`` checks from the file headers.
+
+``zoo predict`` translates ``testA`` to B and ``testB`` to A, or the images of a ``predict_dir`` (any names, any
+depth) in one direction, ``predict_direction`` (``"a2b"``, the default, or ``"b2a"``), resized to the model's
+``image_size²`` whatever ``load_size`` is.
 """
 
 from __future__ import annotations
 
 import csv
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from lightning.pytorch.utilities import CombinedLoader
@@ -38,16 +42,19 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
-from datamodules.base import CorruptImageError, ZooDataModule, read_image, require_path
+from datamodules.base import CorruptImageError, ImageFileDataset, ZooDataModule, read_image, require_path
+from datamodules.base import list_images as list_image_files
 from datamodules.generated.gan_digit_domains import write_digit_domains
 
 __all__ = [
-    "IMAGE_EXTENSIONS", "UNPAIRED_LAYOUT", "SPLITS", "list_images", "read_labels_file", "UnpairedImageDataset",
-    "UnpairedDataModule", "DigitDomainsDataModule",
+    "IMAGE_EXTENSIONS", "UNPAIRED_LAYOUT", "SPLITS", "DIRECTIONS", "list_images", "read_labels_file",
+    "UnpairedImageDataset", "DirectedImageFiles", "UnpairedDataModule", "DigitDomainsDataModule",
 ]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 SPLITS = ("trainA", "trainB", "testA", "testB")
+#: translation directions: ``"a2b"`` reads domain-A images and writes domain B
+DIRECTIONS = ("a2b", "b2a")
 
 UNPAIRED_LAYOUT = """\
   <root>/trainA/*.{jpg,jpeg,png,bmp,webp}   domain A, training images (any names)
@@ -119,6 +126,18 @@ class UnpairedImageDataset(Dataset):
         return image, -1 if self.labels is None else self.labels[index], index
 
 
+class DirectedImageFiles(ImageFileDataset):
+    """A ``predict_dir`` for translation: ``ImageFileDataset`` items (``image``, ``path``, ``index``, ``size``) plus
+    ``direction``, the translation to apply (``"a2b"`` or ``"b2a"``), so that ``predict_step`` needs no other input."""
+
+    def __init__(self, files: list[Path], transform: Callable, direction: str, mode: str = "RGB") -> None:
+        super().__init__(files, transform, mode)
+        self.direction = direction
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {**super().__getitem__(index), "direction": self.direction}
+
+
 def _image_size(path: Path) -> tuple[int, int]:
     """``(width, height)`` from the file header only: PIL decodes no pixel until ``load``."""
     try:
@@ -145,6 +164,9 @@ class UnpairedDataModule(ZooDataModule):
         labels_file: CSV ``split,file,label`` (relative to ``root`` or absolute) whose labels the datasets return,
             for evaluation only; every image of a loaded folder needs a row.
         num_workers, pin_memory: dataloader settings.
+        predict_dir: ``zoo predict`` on one's own images (a folder, any depth), translated in ``predict_direction``;
+            ``None`` translates both test folders.
+        predict_direction: ``"a2b"`` (the ``predict_dir`` images are domain A) or ``"b2a"``.
     """
 
     mean, std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
@@ -163,9 +185,14 @@ class UnpairedDataModule(ZooDataModule):
         num_workers: int = 4,
         pin_memory: bool = True,
         labels_file: Optional[str] = None,
+        predict_dir: Optional[str] = None,
+        predict_direction: str = "a2b",
     ) -> None:
         super().__init__(batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers,
-                         pin_memory=pin_memory)
+                         pin_memory=pin_memory, predict_dir=predict_dir)
+        if predict_direction not in DIRECTIONS:
+            raise ValueError(f"predict_direction must be 'a2b' or 'b2a', got {predict_direction!r}")
+        self.predict_direction = predict_direction
         if image_size < 1:
             raise ValueError(f"image_size must be ≥ 1, got {image_size}")
         if load_size is not None and image_size > load_size:
@@ -202,6 +229,12 @@ class UnpairedDataModule(ZooDataModule):
             steps.append(v2.Resize((self.image_size, self.image_size), interpolation=v2.InterpolationMode.BICUBIC,
                                    antialias=True))
         return v2.Compose(steps + self._to_tensor())
+
+    def predict_transform(self) -> Callable:
+        """A ``predict_dir`` image at the model's resolution, ``image_size²`` (bicubic), in [−1, 1]: unlike the test
+        folders, one's own images need not share a size, even with ``load_size=None``."""
+        return v2.Compose([v2.Resize((self.image_size, self.image_size), interpolation=v2.InterpolationMode.BICUBIC,
+                                     antialias=True), *self._to_tensor()])
 
     # -- datasets ------------------------------------------------------------------------------------------------
 
@@ -245,6 +278,8 @@ class UnpairedDataModule(ZooDataModule):
         return datasets
 
     def setup(self, stage: Optional[str] = None) -> None:
+        if stage == "predict" and self.predict_dir is not None:
+            return  # predict_sets reads the folder; the dataset need not exist
         wanted = []
         if stage in (None, "fit") and self.train_a is None:
             wanted += ["trainA", "trainB"]
@@ -297,6 +332,14 @@ class UnpairedDataModule(ZooDataModule):
         """Validation, test and predict: ``testA`` (loader 0), then ``testB`` (loader 1)."""
         return [self.test_a, self.test_b]
 
+    def predict_sets(self) -> Dataset | list[Dataset]:
+        """``zoo predict``: the images of ``predict_dir`` to translate in ``predict_direction``
+        (``DirectedImageFiles``), or ``[testA, testB]`` (translated to B and to A) when it is unset."""
+        if self.predict_dir is None:
+            return self.evaluation_sets("predict")
+        return DirectedImageFiles(list_image_files(self.predict_dir), self.predict_transform(), self.predict_direction,
+                                  self.predict_image_mode)
+
 
 class DigitDomainsDataModule(UnpairedDataModule):
     """The embedded default: "pen on paper" (A) ↔ "bold neon on dark" (B) digits, written to ``root`` on first use.
@@ -311,7 +354,8 @@ class DigitDomainsDataModule(UnpairedDataModule):
         flip: off by default, a mirrored digit is not a digit.
         seed: the generator's seed, also the samplers' seed unless ``sampler_seed`` is given.
         sampler_seed: seed of the training streams (default: ``seed``).
-        batch_size, eval_batch_size, steps_per_epoch, num_workers, pin_memory: see ``UnpairedDataModule``.
+        batch_size, eval_batch_size, steps_per_epoch, num_workers, pin_memory, predict_dir, predict_direction: see
+            ``UnpairedDataModule``.
     """
 
     def __init__(
@@ -328,15 +372,24 @@ class DigitDomainsDataModule(UnpairedDataModule):
         sampler_seed: Optional[int] = None,
         num_workers: int = 0,
         pin_memory: bool = False,
+        predict_dir: Optional[str] = None,
+        predict_direction: str = "a2b",
     ) -> None:
         super().__init__(root=root, image_size=image_size, load_size=load_size, flip=flip, batch_size=batch_size,
                          eval_batch_size=eval_batch_size, steps_per_epoch=steps_per_epoch,
                          seed=seed if sampler_seed is None else sampler_seed, num_workers=num_workers,
-                         pin_memory=pin_memory, labels_file="labels.csv")
+                         pin_memory=pin_memory, labels_file="labels.csv", predict_dir=predict_dir,
+                         predict_direction=predict_direction)
         self.generator_seed = seed
 
     def prepare_data(self) -> None:
+        if self._predicting_own_images():
+            return  # zoo predict on a predict_dir reads nothing of the embedded set
         write_digit_domains(self.root, image_size=self.image_size, seed=self.generator_seed)
+
+    def _predicting_own_images(self) -> bool:
+        trainer = getattr(self, "trainer", None)
+        return self.predict_dir is not None and trainer is not None and trainer.predicting
 
     def setup(self, stage: Optional[str] = None) -> None:
         self.prepare_data()  # a no-op once the set is installed (e.g. when prepare_data already ran on this node)

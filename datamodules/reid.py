@@ -23,6 +23,9 @@ stream restarts as ECN's does), sharded across DDP ranks by ``ShardedRandomBatch
 serve the target's ``query`` then ``bounding_box_test`` as two loaders of ``(images, pids, cameras, indices)``,
 split across ranks. ``SyntheticReIDDataModule`` writes and serves the embedded default
 (``datamodules.generated.reid_toypeople``).
+
+``zoo predict`` ranks a gallery for every query: the target's test split, or a ``predict_dir`` holding ``query/`` and
+``gallery/`` (``PREDICT_LAYOUT``, read by ``read_predict_folder``), served the same way as query then gallery.
 """
 
 from __future__ import annotations
@@ -38,11 +41,12 @@ from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
-from datamodules.base import IMAGENET_MEAN, IMAGENET_STD, DatasetNotFoundError, ZooDataModule, read_image, require_path
+from datamodules.base import (IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, DatasetNotFoundError, ZooDataModule,
+                              list_images, read_image, require_path)
 
 __all__ = [
-    "ReIDRecords", "parse_reid_folder", "camstyle_path", "ReIDImageDataset", "CamStyleTargetDataset",
-    "RandomSizedRectCrop", "CrossDomainReIDDataModule", "SyntheticReIDDataModule",
+    "ReIDRecords", "parse_reid_folder", "read_predict_folder", "PREDICT_LAYOUT", "camstyle_path", "ReIDImageDataset",
+    "CamStyleTargetDataset", "RandomSizedRectCrop", "CrossDomainReIDDataModule", "SyntheticReIDDataModule",
 ]
 
 #: ``<pid>_c<camera>``: the id is digits or ``-1`` (junk), nothing else (``12-3_c1...`` is no id, not ``int("12-3")``)
@@ -54,6 +58,12 @@ MARKET_LAYOUT = """\
   <root>/bounding_box_test/<pid>_c<cam>...jpg          gallery (pid -1: junk, dropped; 0000: distractors, kept)
   <root>/query/<pid>_c<cam>...jpg                      queries
   <root>/bounding_box_train_camstyle/<stem>_fake_<c>to<d>.jpg   CamStyle fakes of the training images (target domain)"""
+PREDICT_LAYOUT = f"""\
+  <predict_dir>/query/...     the query images (any names, any depth; endings {', '.join(IMAGE_EXTENSIONS)})
+  <predict_dir>/gallery/...   the images every query is ranked against
+  Names in Market style, <pid>_c<cam>... (0002_c1s1_000451_03.jpg), give the person id and camera: then a gallery
+  image of the query's person from the query's camera is left out of its ranking (Market-1501 protocol) and junk
+  (pid -1) is dropped. Other names are read without id or camera and nothing is left out."""
 HOW_TO_GET = ("Market-1501: https://zheng-lab.cecs.anu.edu.au/Project/project_reid.html; DukeMTMC-reID: withdrawn by "
               "its creators, only the format is supported; CamStyle fakes: https://github.com/zhunzhong07/CamStyle")
 
@@ -94,6 +104,25 @@ def parse_reid_folder(folder: str | Path, relabel: bool = False) -> ReIDRecords:
     if relabel:
         pid_tensor = torch.unique(pid_tensor, return_inverse=True)[1]
     return ReIDRecords(paths, pid_tensor, torch.tensor(cams, dtype=torch.int64))
+
+
+def read_predict_folder(folder: str | Path) -> ReIDRecords:
+    """The images of a ``predict_dir`` subfolder (``query`` or ``gallery``) for ``zoo predict``, sorted by path.
+
+    A Market-style name (``<pid>_c<cam>...``) gives its person id and 0-based camera, and junk (pid ``-1``) is dropped
+    as the evaluation drops it; any other name gets pid and camera ``-1`` ("unknown"), which the rank-list writer
+    never filters on (``zoo.reid.predict``).
+    """
+    paths, pids, cams = [], [], []
+    for path in list_images(folder, what=f"predict_dir/{Path(folder).name}"):
+        match = _NAME.match(path.name)
+        pid, cam = (int(match.group(1)), int(match.group(2)) - 1) if match and int(match.group(2)) >= 1 else (-1, -1)
+        if match and pid == -1:
+            continue  # a Market junk box, left out as every evaluation code does
+        paths.append(path)
+        pids.append(pid)
+        cams.append(cam)
+    return ReIDRecords(paths, torch.tensor(pids, dtype=torch.int64), torch.tensor(cams, dtype=torch.int64))
 
 
 def camstyle_path(camstyle_dir: Path, image: Path, own_camera: int, camera: int, naming: str = "pair") -> Path:
@@ -220,6 +249,8 @@ class CrossDomainReIDDataModule(ZooDataModule):
         random_erasing: probability of Random Erasing (ECN: 0.5), filled with ImageNet's mean values as ECN does.
         rect_crop: ECN's ``RandomSizedRectCrop`` (else a plain resize) before the flip.
         seed: fixes both training streams together with the epoch.
+        predict_dir: ``zoo predict`` on one's own images: a folder with ``query/`` and ``gallery/``
+            (``PREDICT_LAYOUT``); ``None`` ranks the target's test split.
     """
 
     mean, std = IMAGENET_MEAN, IMAGENET_STD
@@ -241,9 +272,10 @@ class CrossDomainReIDDataModule(ZooDataModule):
         seed: int = 0,
         num_workers: int = 4,
         pin_memory: bool = True,
+        predict_dir: Optional[str] = None,
     ) -> None:
         super().__init__(batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers,
-                         pin_memory=pin_memory)
+                         pin_memory=pin_memory, predict_dir=predict_dir)
         if camstyle_naming not in ("pair", "target"):
             raise ValueError(f"camstyle_naming must be 'pair' or 'target', got {camstyle_naming!r}")
         self.source_root, self.target_root = Path(source_root), Path(target_root)
@@ -272,7 +304,12 @@ class CrossDomainReIDDataModule(ZooDataModule):
         return v2.Compose([v2.Resize(self.image_size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
                            v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(self.mean, self.std)])
 
+    def predict_transform(self) -> Callable:
+        return self.eval_transform()
+
     def setup(self, stage: Optional[str] = None) -> None:
+        if stage == "predict" and self.predict_dir is not None:
+            return  # predict_sets reads the folder; the target domain need not exist
         if self.query_set is None:
             self.query_set = ReIDImageDataset(parse_reid_folder(self.target_root / "query"), self.eval_transform())
             self.gallery_set = ReIDImageDataset(parse_reid_folder(self.target_root / "bounding_box_test"),
@@ -312,6 +349,20 @@ class CrossDomainReIDDataModule(ZooDataModule):
         """Validation, test and predict: the target's ``query`` (loader 0), then ``bounding_box_test`` (loader 1)."""
         return [self.query_set, self.gallery_set]
 
+    def predict_sets(self) -> list[Dataset]:
+        """``zoo predict``: ``[query, gallery]`` of ``predict_dir`` (``PREDICT_LAYOUT``: it must hold ``query/`` and
+        ``gallery/``), or of the target's test split when ``predict_dir`` is unset."""
+        if self.predict_dir is None:
+            return self.evaluation_sets("predict")
+        folder = Path(self.predict_dir).expanduser()
+        missing = [name for name in ("query", "gallery") if not (folder / name).is_dir()]
+        if missing:
+            raise DatasetNotFoundError(f"predict_dir '{folder.resolve()}' has no {' and no '.join(missing)} folder: "
+                                       f"re-ID predicts by ranking a gallery for each query. Expected layout:\n"
+                                       f"{PREDICT_LAYOUT}")
+        return [ReIDImageDataset(read_predict_folder(folder / name), self.predict_transform())
+                for name in ("query", "gallery")]
+
 
 class SyntheticReIDDataModule(CrossDomainReIDDataModule):
     """The embedded default: ``datamodules.generated.reid_toypeople`` writes a source and a target domain in Market-1501
@@ -325,7 +376,7 @@ class SyntheticReIDDataModule(CrossDomainReIDDataModule):
     def __init__(self, *, root: str = "data/synthetic_reid", generator_seed: int = 0,
                  direction: str = "source2target", image_size: Sequence[int] = (64, 32), batch_size: int = 64,
                  eval_batch_size: Optional[int] = 256, num_workers: int = 0, pin_memory: bool = False,
-                 **kwargs: Any) -> None:
+                 predict_dir: Optional[str] = None, **kwargs: Any) -> None:
         if direction not in ("source2target", "target2source"):
             raise ValueError(f"direction must be 'source2target' or 'target2source', got {direction!r}")
         source, target = (Path(root) / "source", Path(root) / "target")
@@ -333,12 +384,15 @@ class SyntheticReIDDataModule(CrossDomainReIDDataModule):
             source, target = target, source
         super().__init__(source_root=str(source), target_root=str(target), image_size=image_size,
                          batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers,
-                         pin_memory=pin_memory, **kwargs)
+                         pin_memory=pin_memory, predict_dir=predict_dir, **kwargs)
         self.root, self.generator_seed = Path(root), generator_seed
 
     def prepare_data(self) -> None:
         from datamodules.generated.reid_toypeople import write_synthetic_reid
 
+        trainer = getattr(self, "trainer", None)
+        if self.predict_dir is not None and trainer is not None and trainer.predicting:
+            return  # zoo predict on a predict_dir reads nothing of the embedded set
         write_synthetic_reid(self.root, seed=self.generator_seed)
 
     def setup(self, stage: Optional[str] = None) -> None:

@@ -12,6 +12,9 @@ The labeled split is class-balanced and seeded (``labeled_split``); as in UDA, M
 whole training set by default (``unlabeled_includes_labeled``). Evaluation is on the test split, the classic protocol
 (there is no validation split; report the last checkpoint, not the best on test).
 
+``zoo predict`` runs on the test split, or with ``predict_dir`` on a folder of one's own images read as the test split
+is (``predict_transform``).
+
 The two streams come from ``ZooDataModule.two_stream_loader``: under DDP each rank draws disjoint images at every
 step, all ranks get the same number of steps, and a run resumed mid-epoch continues both streams where they were. An
 epoch is one pass over the unlabeled set; the labeled set is cycled within it, reshuffled at every pass. Classic SSL
@@ -32,8 +35,8 @@ from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
 from datamodules.base import ZooDataModule, require_path
-from datamodules.cifar import download_cifar, read_cifar
-from datamodules.digits import TensorImageDataset, load_digit_images
+from datamodules.cifar import download_cifar, open_cifar
+from datamodules.digits import TensorImageDataset, digit_image_transform, load_digit_images
 
 __all__ = [
     "labeled_split", "Cutout", "GaussianNoise", "RandomMagnitudeRandAugment", "TwoViewDataset",
@@ -125,11 +128,12 @@ class SemiSupervisedDataModule(ZooDataModule):
         seed: seed of the batch order (with the epoch).
         batch_size: labeled images per step and process (the unlabeled batch is ``μ × batch_size``).
         eval_batch_size: default ``4 × batch_size``.
-        num_workers, pin_memory: see ``ZooDataModule``.
+        num_workers, pin_memory, predict_dir: see ``ZooDataModule``.
 
     Subclasses implement ``_load(split) -> (images uint8|float (N, C, H, W), targets (N,))`` for ``"train"`` and
     ``"test"`` (and ``"extra_unlabeled"`` when ``has_extra_unlabeled()``, targets ``-1``), and ``weak_transform``,
-    ``strong_transform``, ``eval_transform`` on single image tensors.
+    ``strong_transform``, ``eval_transform`` on single image tensors, and ``predict_transform`` on a PIL image of
+    ``predict_dir``.
     """
 
     num_classes: int = 10
@@ -147,9 +151,10 @@ class SemiSupervisedDataModule(ZooDataModule):
         eval_batch_size: Optional[int] = None,
         num_workers: int = 4,
         pin_memory: bool = True,
+        predict_dir: Optional[str] = None,
     ) -> None:
         super().__init__(batch_size=batch_size, eval_batch_size=eval_batch_size or 4 * batch_size,
-                         num_workers=num_workers, pin_memory=pin_memory)
+                         num_workers=num_workers, pin_memory=pin_memory, predict_dir=predict_dir)
         if mu < 1:
             raise ValueError(f"mu must be >= 1, got {mu}")
         self.num_labels_per_class, self.mu = num_labels_per_class, mu
@@ -226,10 +231,12 @@ class DigitsSemiSupDataModule(SemiSupervisedDataModule):
       Cutout of 3/8 of the side. RandAugment's colour operations mean little on 17 grey levels.
 
     ``pixel_arrays(split)`` returns the raw 64-pixel vectors of ``"labeled"``, ``"unlabeled"`` or ``"test"`` for the
-    classical baselines (``zoo.semisup.baselines``).
+    classical baselines (``zoo.semisup.baselines``). ``predict_dir`` images are read grey and resized to
+    ``image_size`` like the test split (light ink on a dark background, as scikit-learn's digits).
     """
 
     class_names = tuple(str(d) for d in range(10))
+    predict_image_mode = "L"
 
     def __init__(self, *, image_size: int = 16, num_labels_per_class: Optional[int] = 5, batch_size: int = 16,
                  eval_batch_size: Optional[int] = 256, num_workers: int = 0, pin_memory: bool = False,
@@ -268,6 +275,9 @@ class DigitsSemiSupDataModule(SemiSupervisedDataModule):
     def eval_transform(self) -> Callable:
         return nn.Identity()
 
+    def predict_transform(self) -> Callable:
+        return digit_image_transform(self.image_size)
+
     def pixel_arrays(self, split: str) -> tuple[np.ndarray, np.ndarray]:
         """Raw 8×8 pixels ``(N, 64)`` and labels of ``labeled``, ``unlabeled`` or ``test`` (the same images)."""
         data = self._prepare()
@@ -287,7 +297,8 @@ class NaturalImageSemiSupDataModule(SemiSupervisedDataModule):
 
     * weak: reflect-padded random crop (+ horizontal flip);
     * strong: the weak view + RandAugment (2 ops, magnitude drawn from 1..10 per image) + Cutout;
-    * evaluation: the image as it is, normalised.
+    * evaluation: the image as it is, normalised; a ``predict_dir`` image is first resized (shorter side) and
+      centre-cropped to ``image_side``.
 
     Args:
         root: where the data set lives.
@@ -317,6 +328,10 @@ class NaturalImageSemiSupDataModule(SemiSupervisedDataModule):
     def eval_transform(self) -> Callable:
         return v2.Compose(_float_normalized(self.mean, self.std))
 
+    def predict_transform(self) -> Callable:
+        return v2.Compose([v2.Resize(self.image_side, antialias=True), v2.CenterCrop(self.image_side),
+                           *_float_normalized(self.mean, self.std)])
+
 
 class CIFAR10SemiSupDataModule(NaturalImageSemiSupDataModule):
     """CIFAR-10 from its python pickle batches (``datamodules.cifar``); 4,000 labels (400 per class) by default, as in
@@ -334,7 +349,10 @@ class CIFAR10SemiSupDataModule(NaturalImageSemiSupDataModule):
             download_cifar(self.root, self.dataset_name)
 
     def _load(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-        return read_cifar(self.root, self.dataset_name, train=split == "train")
+        dataset = open_cifar(self.root, self.dataset_name, train=split == "train")
+        self.class_names = list(dataset.classes)  # from the release's meta file
+        images = torch.from_numpy(np.ascontiguousarray(dataset.data)).permute(0, 3, 1, 2)
+        return images, torch.as_tensor(dataset.targets, dtype=torch.int64)
 
 
 class CIFAR100SemiSupDataModule(CIFAR10SemiSupDataModule):
@@ -359,6 +377,7 @@ class SVHNSemiSupDataModule(NaturalImageSemiSupDataModule):
     531,131 ``extra`` images to the unlabeled set (USB's protocol), unlabeled."""
 
     dataset_name, num_classes, flip = "SVHN", 10, False
+    class_names = tuple(str(d) for d in range(10))
     mean, std = (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970)
 
     def __init__(self, *, root: str = "data/svhn", num_labels_per_class: Optional[int] = 100,
@@ -406,6 +425,7 @@ class STL10SemiSupDataModule(NaturalImageSemiSupDataModule):
     the 100,000 unlabeled ones (which also hold classes outside the ten). 96×96, crop padding 12, Cutout 48."""
 
     dataset_name, folder, num_classes = "STL10", "stl10_binary", 10
+    class_names = ("airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck")  # class_names.txt
     mean, std = (0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713)
     image_side, crop_padding, cutout = 96, 12, 48
 

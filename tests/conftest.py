@@ -135,3 +135,26 @@ def write_closerlook(root: Path, classes: dict | None = None, per_class: int = 6
         (root / f"{split}.json").write_text(json.dumps({"label_names": label_names, "image_names": names,
                                                         "image_labels": labels}))
     return root
+
+
+def results_from_stdout(stdout: str, prefix: str = "") -> dict[str, float]:
+    """The metrics of the CLI's results tables in ``stdout`` (``name  value`` or ``name  value ± ci``; a CI is returned
+    as its own entry, the name with ``acc`` replaced by ``ci95``), keeping names that start with ``prefix``."""
+    import re
+
+    metrics: dict[str, float] = {}
+    for name, value, ci in re.findall(r"^\s+(\S+/\S+)\s+(-?[0-9.]+(?:e[-+]?\d+)?)(?: ± ([0-9.]+))?\s*$", stdout, re.M):
+        if not name.startswith(prefix):
+            continue
+        metrics[name] = float(value)
+        if ci:
+            metrics[name.replace("acc", "ci95", 1)] = float(ci)
+    return metrics
+
+
+def prediction_folder(cli) -> Path:
+    """Where the prediction writer of a ``zoo predict`` run wrote its files."""
+    from zoo.predict import PredictionWriter
+
+    writer = next(cb for cb in cli.trainer.callbacks if isinstance(cb, PredictionWriter))
+    return writer.folder(cli.trainer)

@@ -60,8 +60,8 @@ def test_default_run_writes_wandb_offline_and_cam_images(tmp_path):
     cli = ZooCLI(args=["fit", "-c", str(DIGITS), f"--trainer.default_root_dir={tmp_path}",
                        "--trainer.max_epochs=1", "--trainer.limit_train_batches=3", "--trainer.limit_val_batches=1",
                        "--trainer.limit_test_batches=1", "--trainer.enable_progress_bar=false"])
-    assert list((tmp_path / "wandb").glob("offline-run-*")), "no offline W&B run written"
-    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    assert list((tmp_path / "version_0" / "wandb").glob("offline-run-*")), "no offline W&B run written"
+    assert (tmp_path / "version_0" / "checkpoints" / "last.ckpt").is_file()
     metrics = cli.trainer.callback_metrics
     assert {"test/acc", "baseline/logreg_acc", "baseline/1nn_acc"} <= set(metrics)
     assert float(metrics["baseline/1nn_acc"]) > 0.95  # 1-NN on digits pixels is ~0.98

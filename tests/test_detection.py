@@ -377,7 +377,7 @@ def test_real_data_configs_train_and_evaluate_on_format_fixtures(config, fmt, tm
     metrics = cli.trainer.callback_metrics
     assert {"test/map", "test/map_50", "test/mar_100"} <= set(metrics)  # (validation ran too: its keys are replaced)
     assert ("test/voc07_map50" in metrics) == (fmt == "voc")
-    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+    assert (tmp_path / "run" / "version_0" / "checkpoints" / "last.ckpt").is_file()
 
 
 @pytest.mark.parametrize("name", ["atss", "gfl"])
@@ -406,12 +406,13 @@ def test_digits_config_logs_boxes_to_wandb_and_predicts_per_image_id(tmp_path):
     ZooCLI(args=["fit", "-c", config, *common, "--trainer.max_epochs=1", "--test_after_fit=false",
                  "--trainer.check_val_every_n_epoch=1"])
     wandb.finish()
-    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    runs = list((tmp_path / "version_0" / "wandb").glob("offline-run-*"))
     assert runs, "no offline W&B run written"
     media = [p.name for p in runs[0].rglob("*.json") if "detection_boxes" in p.name]
     assert media, "no W&B box layers logged"
-    checkpoint = tmp_path / "checkpoints" / "last.ckpt"
-    cli = ZooCLI(args=["predict", "-c", config, *common, "--trainer.logger=false", f"--ckpt_path={checkpoint}"])
+    checkpoint = tmp_path / "version_0" / "checkpoints" / "last.ckpt"
+    cli = ZooCLI(args=["predict", "-c", config, *common, "--trainer.logger=false", f"--ckpt_path={checkpoint}",
+                       "--return_predictions=true"])
     predictions = [p for batch in cli.trainer.predict_loop.predictions for p in batch]
     assert sorted(int(p["image_id"]) for p in predictions) == sorted(
         int(t["image_id"]) for _, t in cli.datamodule.test_set)

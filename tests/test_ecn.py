@@ -233,17 +233,17 @@ def test_resume_from_last_checkpoint_restores_the_memory_and_epoch(tmp_path):
     callbacks = "--trainer.callbacks=[{class_path: helpers.RecordReIDRank, init_args: {out: " + str(out) + "}}]"
     first = run_zoo("fit", *_synthetic_args(tmp_path, "--trainer.max_epochs=2", "--test_after_fit=false", callbacks))
     assert first.returncode == 0, first.stderr[-3000:]
-    saved = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    saved = torch.load(tmp_path / "run" / "version_0" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     memory = saved["state_dict"]["memory.slots"]
     assert saved["epoch"] == 1 and (memory.norm(dim=1) > 0).any()
     resumed = run_zoo("fit", *_synthetic_args(tmp_path, "--trainer.max_epochs=3", "--test_after_fit=false", callbacks,
-                                              f"--ckpt_path={tmp_path / 'run' / 'checkpoints' / 'last.ckpt'}"))
+                                              f"--ckpt_path={tmp_path / 'run' / 'version_0' / 'checkpoints' / 'last.ckpt'}"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     record = json.loads((out / "reid_rank0.json").read_text())
     assert record["start_epoch"] == 2
     assert record["start_sum"] == pytest.approx(float(memory.double().sum()), rel=1e-9)
     # Loading the checkpoint outside a Trainer sizes the memory from it.
-    model = ECN.load_from_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu",
+    model = ECN.load_from_checkpoint(tmp_path / "run" / "version_0" / "checkpoints" / "last.ckpt", map_location="cpu",
                                      backbone=ConvNet(3, widths=[32, 64, 128, 256], num_pools=3))
     assert model.memory.slots.shape == memory.shape
 
@@ -268,7 +268,7 @@ def test_finetune_from_an_ecn_checkpoint_skips_the_memory_and_a_new_classifier(t
     first = run_zoo("fit", *_synthetic_args(tmp_path, "--trainer.max_epochs=1", "--test_after_fit=false",
                                             "--trainer.limit_train_batches=2"))
     assert first.returncode == 0, first.stderr[-3000:]
-    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    ckpt = tmp_path / "run" / "version_0" / "checkpoints" / "last.ckpt"
     tuned = run_zoo("fit", *_synthetic_args(tmp_path / "ft", "--trainer.max_epochs=1", "--test_after_fit=false",
                                             "--trainer.limit_train_batches=2", f"--finetune.init_from={ckpt}",
                                             f"--data.init_args.root={tmp_path / 'people'}",

@@ -29,10 +29,11 @@ def _load(path):
 
 
 def _short_run(root, *extra, config=DIGITS, steps=2):
-    """A ``steps``-step digits (or other config) fit that leaves ``<root>/checkpoints/last.ckpt``."""
+    """A ``steps``-step digits (or other config) fit that leaves ``<root>/version_0/checkpoints/last.ckpt`` (the first
+    run under ``root``)."""
     ZooCLI(args=["fit", *quiet_args(root, f"--trainer.max_steps={steps}", "--trainer.limit_val_batches=0",
                                     *extra, config=config)])
-    return root / "checkpoints" / "last.ckpt"
+    return root / "version_0" / "checkpoints" / "last.ckpt"
 
 
 # ---- 1. divergence: no checkpoint with non-finite weights ---------------------------------------------------------
@@ -47,7 +48,7 @@ def test_a_diverging_learning_rate_never_writes_non_finite_tensors_and_the_messa
                       *FAST, config=config)
     with pytest.raises(NonFiniteLossError) as err:
         ZooCLI(args=["fit", *args])
-    last = tmp_path / "checkpoints" / "last.ckpt"
+    last = tmp_path / "version_0" / "checkpoints" / "last.ckpt"
     saved = _load(last)
     assert non_finite_tensors(saved) == [], "a checkpoint with NaN/Inf tensors was written"
     assert f"{last} (global step {saved['global_step']})" in str(err.value)
@@ -60,7 +61,7 @@ def test_a_finite_loss_with_a_non_finite_update_stops_before_that_steps_save_and
         ZooCLI(args=["fit", *args])
     message = str(err.value)
     assert "after global step 5" in message and "state_dict.backbone." in message and "global step 4)" in message
-    last = tmp_path / "checkpoints" / "last.ckpt"
+    last = tmp_path / "version_0" / "checkpoints" / "last.ckpt"
     assert _load(last)["global_step"] == 4 and non_finite_tensors(_load(last)) == []
     # The kept checkpoint trains on (here with the fault switched off).
     resume = quiet_args(tmp_path, *model, "--model.init_args.nan_at_step=-1", "--trainer.max_steps=8", *FAST)
@@ -111,7 +112,7 @@ def test_a_stop_signal_saves_last_ckpt_at_that_step_and_exits_non_zero(tmp_path,
     result = run_zoo("fit", *args)
     assert result.returncode == status, result.stderr[-3000:]
     assert "--ckpt_path last" in result.stderr
-    last = tmp_path / "checkpoints" / "last.ckpt"
+    last = tmp_path / "version_0" / "checkpoints" / "last.ckpt"
     assert _load(last)["global_step"] == 7
     if signal_name == "SIGINT":
         return  # the resume is the same as after SIGTERM
@@ -134,7 +135,7 @@ def test_a_signal_in_process_raises_training_interrupted_after_the_save(tmp_path
                       "--trainer.callbacks=[{class_path: helpers.SignalAtStep, init_args: {step: 3}}]")
     with pytest.raises(TrainingInterrupted) as err:
         ZooCLI(args=["fit", *args])
-    assert err.value.code == 143 and _load(tmp_path / "checkpoints" / "last.ckpt")["global_step"] == 3
+    assert err.value.code == 143 and _load(tmp_path / "version_0" / "checkpoints" / "last.ckpt")["global_step"] == 3
     assert signal.getsignal(signal.SIGTERM) == before  # the handler is put back
 
 
@@ -145,7 +146,7 @@ def test_a_signal_to_one_ddp_rank_stops_both_at_the_same_step(tmp_path):
     result = run_zoo("fit", *args, timeout=300)
     assert result.returncode != 0 and "SIGTERM: training stopped after global step 4" in result.stderr, \
         result.stderr[-3000:]
-    assert _load(tmp_path / "checkpoints" / "last.ckpt")["global_step"] == 4
+    assert _load(tmp_path / "version_0" / "checkpoints" / "last.ckpt")["global_step"] == 4
 
 
 # ---- 5. --ckpt_path last without a checkpoint ---------------------------------------------------------------------
@@ -160,7 +161,7 @@ def test_ckpt_path_last_without_a_checkpoint_starts_fit_from_scratch_with_a_noti
     ZooCLI(args=["fit", *quiet_args(tmp_path, "--trainer.max_steps=1", "--trainer.limit_val_batches=0"),
                  "--ckpt_path=last"])
     assert "starting a new run" in capsys.readouterr().err
-    assert _load(tmp_path / "checkpoints" / "last.ckpt")["global_step"] == 1
+    assert _load(tmp_path / "version_0" / "checkpoints" / "last.ckpt")["global_step"] == 1
 
 
 # ---- 6. stateful methods: the saved state is the live state at the save step --------------------------------------
@@ -183,7 +184,7 @@ def test_a_step_checkpoint_holds_the_state_of_that_step(tmp_path, name):
     args = quiet_args(tmp_path / "run", *extra, f"--trainer.max_steps={steps}", f"--last_checkpoint.every_n_train_steps={steps}",
                       "--trainer.limit_val_batches=0", config=ROOT / "configs" / f"{name}.yaml")
     cli = ZooCLI(args=["fit", *args])
-    saved = _load(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    saved = _load(tmp_path / "run" / "version_0" / "checkpoints" / "last.ckpt")
     assert saved["global_step"] == steps
     live = cli.model.state_dict()
     assert saved["state_dict"].keys() == live.keys()
@@ -208,7 +209,7 @@ def test_a_misspelt_validation_monitor_fails_at_the_sanity_check_before_training
     with pytest.raises(MonitorKeyError) as err:
         ZooCLI(args=["fit", *args])
     assert "val/accuracy" in str(err.value) and "val/acc" in str(err.value)
-    assert not (tmp_path / "checkpoints" / "last.ckpt").exists()  # no training step was spent
+    assert not (tmp_path / "version_0" / "checkpoints" / "last.ckpt").exists()  # no training step was spent
 
 
 def test_a_missing_monitor_found_after_training_writes_last_ckpt_first(tmp_path):
@@ -217,7 +218,7 @@ def test_a_missing_monitor_found_after_training_writes_last_ckpt_first(tmp_path)
                       "--last_checkpoint.every_n_train_steps=1000")
     with pytest.raises(MonitorKeyError, match="val/accuracy"):
         ZooCLI(args=["fit", *args])
-    assert _load(tmp_path / "checkpoints" / "last.ckpt")["global_step"] == 3
+    assert _load(tmp_path / "version_0" / "checkpoints" / "last.ckpt")["global_step"] == 3
 
 
 def test_an_unwritable_checkpoint_folder_fails_before_the_first_step(tmp_path):
@@ -240,14 +241,14 @@ def test_temporaries_of_a_killed_save_are_removed_and_live_ones_kept(tmp_path):
     assert not stale.exists() and live.exists() and other_host.exists()
 
 
-def test_a_fit_removes_the_temporary_file_of_a_save_that_was_killed(tmp_path):
-    folder = tmp_path / "checkpoints"
-    folder.mkdir()
+def test_a_resumed_fit_removes_the_temporary_file_of_a_save_that_was_killed(tmp_path):
+    folder = _short_run(tmp_path, steps=1).parent
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     stale = folder / f".last.ckpt.{socket.gethostname().replace('.', '_')}-{int(dead.stdout)}.abcdefgh.tmp"
     stale.write_bytes(b"\0" * 1024)
-    _short_run(tmp_path, steps=1)
+    _short_run(tmp_path, "--ckpt_path=last", steps=2)  # resumes in the same run folder
     assert not stale.exists() and [p.name for p in folder.glob(".*")] == []
+    assert not (tmp_path / "version_1").exists()
 
 
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
@@ -287,7 +288,7 @@ def test_the_readme_ddp_line_trains_mpl_on_two_cpu_processes(tmp_path):
                                         "--trainer.accelerator=cpu", "--trainer.max_steps=4",
                                         "--trainer.limit_val_batches=0", config=MPL), timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert _load(tmp_path / "checkpoints" / "last.ckpt")["global_step"] == 4
+    assert _load(tmp_path / "version_0" / "checkpoints" / "last.ckpt")["global_step"] == 4
 
 
 def test_the_best_checkpoint_keeps_lightnings_state_key_so_older_runs_resume_their_best_score():

@@ -7,7 +7,7 @@ from zoo.cli import ZooCLI
 def test_pretrain_on_0_to_4_then_finetune_0_to_9_with_frozen_backbone(tmp_path):
     ZooCLI(args=["fit", *quiet_args(tmp_path / "pre", "--trainer.max_epochs=3",
                                     "--data.init_args.classes=[0,1,2,3,4]", "--model.init_args.num_classes=5")])
-    pre_ckpt = tmp_path / "pre" / "checkpoints" / "last.ckpt"
+    pre_ckpt = tmp_path / "pre" / "version_0" / "checkpoints" / "last.ckpt"
     assert pre_ckpt.is_file()
     pre_state = torch.load(pre_ckpt, map_location="cpu", weights_only=True)["state_dict"]
 

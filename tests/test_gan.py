@@ -378,17 +378,15 @@ def test_real_data_config_trains_and_scores_on_a_format_fixture(name, tmp_path):
     assert {"test/kid_x100_a2b", "test/kid_x100_b2a", "test/identity_kid_x100_a2b",
             "test/untrained_target_rate_b2a"} <= set(metrics), sorted(metrics)
     assert "test/content_acc_a2b" not in metrics  # no labels: nothing to preserve is known
-    assert (tmp_path / "run" / "translations" / "test_epoch000.png").exists() or \
-        list((tmp_path / "run" / "translations").glob("test_*.png"))
-    assert list((tmp_path / "run" / "checkpoints").glob("best-*.ckpt"))  # selected by val/kid_x100, so it was logged
+    assert (tmp_path / "run" / "version_0" / "translations" / "test_epoch000.png").exists() or \
+        list((tmp_path / "run" / "version_0" / "translations").glob("test_*.png"))
+    assert list((tmp_path / "run" / "version_0" / "checkpoints").glob("best-*.ckpt"))  # selected by val/kid_x100, so it was logged
 
 
 def test_two_process_evaluation_gathers_every_test_image_once_and_matches_one_process(tmp_path):
     """testA/testB are sharded across ranks (7 images: shards of 4 and 3); the features are all-gathered, padding
     dropped and the order restored, so KID, target rates and the baselines equal the single-process numbers."""
-    import re
-
-    from conftest import ROOT, run_zoo
+    from conftest import ROOT, results_from_stdout, run_zoo
 
     root = _write_domains(tmp_path / "data", count=7, size=36)
     config = tmp_path / "ugatit.yaml"
@@ -405,8 +403,7 @@ def test_two_process_evaluation_gathers_every_test_image_once_and_matches_one_pr
     def metrics(*extra: str) -> dict[str, float]:
         result = run_zoo(*common, f"--trainer.default_root_dir={tmp_path / str(len(extra))}", *extra, timeout=400)
         assert result.returncode == 0, result.stderr[-3000:]
-        return {name: float(value) for name, value in
-                re.findall(r"^\s*(test/\S+)\s+([-+0-9.e]+)(?:\s+[-+0-9.e]+)*\s*$", result.stdout, re.M)}
+        return results_from_stdout(result.stdout, "test/")
 
     one = metrics("--trainer.devices=1")
     two = metrics("--trainer.devices=2", "--trainer.strategy=ddp")

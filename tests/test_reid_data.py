@@ -166,4 +166,4 @@ def test_real_data_configs_train_and_test_on_market_format_fixtures(tmp_path, co
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout + result.stderr
     assert "test/rank1" in out and "test/mAP" in out
-    assert (tmp_path / "run" / "rank_lists" / "test_epoch002.png").exists()
+    assert (tmp_path / "run" / "version_0" / "rank_lists" / "test_epoch002.png").exists()

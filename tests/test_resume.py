@@ -58,6 +58,11 @@ def _fit(config: Path, root: Path, recorder: RecordBatches, *extra: str, ckpt_pa
     return cli
 
 
+def _last(root: Path) -> str:
+    """The killed run's ``last.ckpt`` (its run folder is the first under ``root``)."""
+    return str(root / "version_0" / "checkpoints" / "last.ckpt")
+
+
 @pytest.mark.parametrize("kill_at_step", [15, 20], ids=["mid-epoch", "epoch-end"])
 def test_plain_datamodule_resumes_with_the_straight_runs_batches(tmp_path, kill_at_step):
     # 1,257 training digits in batches of 128: 10 steps per epoch; last.ckpt every 5 steps and at each epoch's end.
@@ -71,7 +76,7 @@ def test_plain_datamodule_resumes_with_the_straight_runs_batches(tmp_path, kill_
     _fit(DIGITS, tmp_path / "run", killed, *small)
     assert max(killed.batches) == kill_at_step
     resumed = RecordBatches()
-    cli = _fit(DIGITS, tmp_path / "run", resumed, *small, ckpt_path="last")
+    cli = _fit(DIGITS, tmp_path / "run", resumed, *small, ckpt_path=_last(tmp_path / "run"))
 
     assert sorted(resumed.batches) == list(range(kill_at_step + 1, 31))
     assert all(resumed.batches[step] == straight.batches[step] for step in resumed.batches)
@@ -88,7 +93,7 @@ def test_two_stream_datamodule_resumes_both_streams_mid_epoch(tmp_path):
     killed = RecordBatches(kill_at_step=15)  # 4 batches into epoch 1
     _fit(SEMISUP, tmp_path / "run", killed, *small)
     resumed = RecordBatches()
-    cli = _fit(SEMISUP, tmp_path / "run", resumed, *small, ckpt_path="last")
+    cli = _fit(SEMISUP, tmp_path / "run", resumed, *small, ckpt_path=_last(tmp_path / "run"))
 
     assert sorted(resumed.batches) == list(range(16, 27))
     assert all(resumed.batches[step] == straight.batches[step] for step in resumed.batches)

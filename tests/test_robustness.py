@@ -19,7 +19,7 @@ def test_nan_loss_stops_with_step_and_batch_and_keeps_last_good_checkpoint(tmp_p
         ZooCLI(args=["fit", *args])
     message = str(err.value)
     assert "global step 7" in message and "batch 7" in message and "last.ckpt" in message
-    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    ckpt = torch.load(tmp_path / "version_0" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == 5
     assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
 
@@ -36,7 +36,7 @@ def test_sigkill_then_resume_from_last_continues_step_optimizer_and_scheduler(tm
     env = {"PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, "-m", "zoo", "fit", *common, "--trainer.max_epochs=1000"], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**__import__("os").environ, **env})
-    last = root / "checkpoints" / "last.ckpt"
+    last = root / "version_0" / "checkpoints" / "last.ckpt"
     deadline = time.time() + 240
     try:
         while time.time() < deadline and not (last.is_file() and _last_step(last) >= 24):

@@ -28,6 +28,9 @@ def test_ddp_two_cpu_processes_train_like_one(tmp_path):
     ddp = run(tmp_path / "ddp", "--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.accelerator=cpu",
               "--data.init_args.batch_size=32", *plain)
     assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in ddp.stderr + ddp.stdout
+    # rank 1 is a new process that parses the command line again: it must write into rank 0's run folder
+    assert sorted(p.name for p in (tmp_path / "ddp").glob("version_*")) == ["version_0"]
+    assert (tmp_path / "ddp" / "version_0" / "checkpoints" / "last.ckpt").is_file()
     run(tmp_path / "single", "--trainer.devices=1", "--trainer.accelerator=cpu", *plain)
     ddp_acc, single_acc = _test_metrics(tmp_path / "ddp"), _test_metrics(tmp_path / "single")
     # Same global batch (2 × 32 vs 64) and schedule: both learn, to within a few points of each other.

@@ -402,7 +402,7 @@ def test_mpl_digits_then_finetune_the_ema_student_from_its_checkpoint(tmp_path):
     result = run_zoo("fit", "-c", str(ROOT / "configs" / "semisup" / "mpl_digits.yaml"), "--trainer.max_steps=4",
                      f"--trainer.default_root_dir={tmp_path / 'mpl'}", *common, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    ckpt = tmp_path / "mpl" / "checkpoints" / "last.ckpt"
+    ckpt = tmp_path / "mpl" / "version_0" / "checkpoints" / "last.ckpt"
     result = run_zoo("fit", "-c", str(ROOT / "configs" / "semisup" / "mpl_finetune_digits.yaml"),
                      f"--finetune.init_from={ckpt}", "--trainer.max_steps=2",
                      f"--trainer.default_root_dir={tmp_path / 'ft'}", *common, timeout=300)

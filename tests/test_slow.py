@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from conftest import DIGITS, ROOT, run_zoo
+from conftest import DIGITS, ROOT, results_from_stdout, run_zoo
 
 pytestmark = pytest.mark.slow
 
@@ -14,7 +14,7 @@ def test_digits_demo_reaches_099_beside_pixel_baselines(tmp_path):
     result = run_zoo("fit", "-c", str(DIGITS), f"--trainer.default_root_dir={tmp_path}",
                      "--trainer.enable_progress_bar=false", timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
-    metrics = {name: float(value) for name, value in re.findall(r"^\s*(\S+)\s+([0-9.]+)\s*$", result.stdout, re.M)}
+    metrics = results_from_stdout(result.stdout)
     assert metrics["test/acc"] >= 0.99, metrics
     assert metrics["baseline/logreg_acc"] < metrics["test/acc"] and metrics["baseline/1nn_acc"] < metrics["test/acc"]
 
@@ -25,7 +25,7 @@ def test_quickstart_notebook_executes(tmp_path):
     result = run_zoo("fit", "-c", str(DIGITS), f"--trainer.default_root_dir={tmp_path}", "--trainer.max_epochs=3",
                      "--trainer.logger=false", "--trainer.enable_progress_bar=false", "--trainer.callbacks=[]")
     assert result.returncode == 0, result.stderr[-3000:]
-    os.environ["ZOO_CKPT"] = str(tmp_path / "checkpoints" / "last.ckpt")
+    os.environ["ZOO_CKPT"] = str(tmp_path / "version_0" / "checkpoints" / "last.ckpt")
     try:
         notebook = nbformat.read(ROOT / "notebooks" / "quickstart.ipynb", as_version=4)
         nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3",
@@ -37,6 +37,7 @@ def test_quickstart_notebook_executes(tmp_path):
     text = "".join(o.get("text", "") for o in outputs)
     accuracy = float(re.search(r"test accuracy: ([0-9.]+)", text).group(1))
     assert accuracy > 0.9
+    assert f"from run:   {tmp_path / 'version_0'} " in text  # says which run's checkpoint it loaded
 
 
 def test_protonet_on_glyphs_beats_both_baselines_on_novel_classes(tmp_path):
@@ -48,7 +49,7 @@ def test_protonet_on_glyphs_beats_both_baselines_on_novel_classes(tmp_path):
                      "--data.init_args.test_episodes=[{n_way: 5, k_shot: 1, n_query: 15, episodes: 200}]",
                      "--trainer.callbacks=[{class_path: zoo.fewshot.callbacks.EpisodeBaselines}]", timeout=1200)
     assert result.returncode == 0, result.stderr[-3000:]
-    metrics = {name: float(value) for name, value in re.findall(r"^\s*(\S+)\s+([0-9.]+)\s*$", result.stdout, re.M)}
+    metrics = results_from_stdout(result.stdout)
     ours, ci = metrics["test/acc_5way1shot"], metrics["test/ci95_5way1shot"]
     for baseline in ("pixels", "random"):
         other = metrics[f"test/baseline_{baseline}_acc_5way1shot"]
@@ -79,7 +80,7 @@ def test_uda_on_digits_beats_supervised_only_and_the_pixel_baselines(tmp_path):
                          f"--trainer.default_root_dir={tmp_path / method}", "--trainer.logger=false",
                          "--trainer.enable_progress_bar=false", timeout=1200, env={"OMP_NUM_THREADS": "1"})
         assert result.returncode == 0, result.stderr[-3000:]
-        return {name: float(value) for name, value in re.findall(r"^\s*(\S+)\s+([0-9.]+)\s*$", result.stdout, re.M)}
+        return results_from_stdout(result.stdout)
 
     uda, supervised = run("uda"), run("supervised")
     # seed 0, 5 labels per class: the unlabeled digits must add several points over the same CNN on labels alone
@@ -95,13 +96,12 @@ def test_ecn_on_toy_people_beats_source_only_on_the_target_domain(tmp_path):
                          "--trainer.logger=false", "--trainer.enable_progress_bar=false", timeout=1200)
         assert result.returncode == 0, result.stderr[-3000:]
         # Two test loaders (query, gallery): Lightning prints each epoch-level metric once per loader column.
-        return {name: float(value) for name, value in
-                re.findall(r"^\s*(test/\S+)\s+([0-9.]+)(?:\s+[0-9.]+)*\s*$", result.stdout, re.M)}
+        return results_from_stdout(result.stdout, "test/")
 
     ecn, source_only = run("ecn"), run("source_only")
     assert ecn["test/rank1"] >= source_only["test/rank1"] + 0.10, (ecn, source_only)
     assert ecn["test/mAP"] >= source_only["test/mAP"] + 0.10, (ecn, source_only)
-    assert (tmp_path / "ecn" / "rank_lists" / "test_epoch060.png").exists()
+    assert (tmp_path / "ecn" / "version_0" / "rank_lists" / "test_epoch060.png").exists()
 
 
 @pytest.mark.parametrize("model", ["ugatit", "nice_gan"])
@@ -112,14 +112,13 @@ def test_translation_on_digit_domains_beats_identity_kid_and_keeps_the_digit(mod
                      f"--data.init_args.root={tmp_path / 'digits'}", f"--trainer.default_root_dir={tmp_path}",
                      "--trainer.logger=false", "--trainer.enable_progress_bar=false", timeout=1800)
     assert result.returncode == 0, result.stderr[-3000:]
-    metrics = {name: float(value) for name, value in
-               re.findall(r"^\s*(test/\S+)\s+([-+0-9.e]+)(?:\s+[-+0-9.e]+)*\s*$", result.stdout, re.M)}
+    metrics = results_from_stdout(result.stdout, "test/")
     for direction in ("a2b", "b2a"):
         assert metrics[f"test/kid_x100_{direction}"] < 0.5 * metrics[f"test/identity_kid_x100_{direction}"], metrics
         assert metrics[f"test/kid_x100_{direction}"] < 0.5 * metrics[f"test/untrained_kid_x100_{direction}"], metrics
         assert metrics[f"test/target_rate_{direction}"] >= 0.9, metrics
         assert metrics[f"test/content_acc_{direction}"] >= 0.6, metrics
-    assert list((tmp_path / "translations").glob("test_*.png"))
+    assert list((tmp_path / "version_0" / "translations").glob("test_*.png"))
 
 
 @pytest.mark.parametrize("config", ["atss_digits", "gfl_digits", "rfcn_digits"])
@@ -131,7 +130,6 @@ def test_detector_on_digit_canvases_reaches_map50_070(config, tmp_path):
                      "--trainer.enable_progress_bar=false", f"--data.init_args.root={tmp_path / 'canvas'}",
                      timeout=1500)
     assert result.returncode == 0, result.stderr[-3000:]
-    metrics = {name: float(value) for name, value in
-               re.findall(r"^\s*(test/\S+)\s+([-+0-9.e]+)(?:\s+[-+0-9.e]+)*\s*$", result.stdout, re.M)}
+    metrics = results_from_stdout(result.stdout, "test/")
     assert metrics["test/map_50"] >= 0.7, metrics
     assert metrics["test/map"] >= 0.5, metrics

@@ -20,7 +20,7 @@ from typing import Any, Optional, Sequence
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, ProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.utilities import CombinedLoader, rank_zero_info, rank_zero_only
@@ -31,7 +31,7 @@ from torchvision.utils import make_grid, save_image
 from zoo.checkpoint import load_weights, remove_stale_temporaries
 
 __all__ = [
-    "log_images", "ImageLogger", "LearningRateLogger", "LastCheckpoint", "BestCheckpoint", "TrainingInterrupted",
+    "log_images", "log_table", "ImageLogger", "EpochLines", "LearningRateLogger", "LastCheckpoint", "BestCheckpoint", "TrainingInterrupted",
     "MonitorKeyError", "NonFiniteLossError", "NonFiniteLossGuard", "non_finite_tensors", "FineTuning",
 ]
 
@@ -56,6 +56,27 @@ def log_images(trainer: "L.Trainer", key: str, images: torch.Tensor, captions: S
         out = Path(trainer.default_root_dir) / png_name
         out.parent.mkdir(parents=True, exist_ok=True)
         save_image(images, out, nrow=nrow)
+
+
+def log_table(trainer: "L.Trainer", key: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> Path:
+    """A results table: to W&B as a ``wandb.Table`` under ``key`` (when the run logs to W&B), and always as
+    ``<default_root_dir>/tables/<key with / as _>.csv``, whose path is returned. Call it on rank 0."""
+    import csv  # noqa: PLC0415
+
+    rows = [list(row) for row in rows]
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            import wandb  # noqa: PLC0415
+
+            logger.experiment.log({key: wandb.Table(columns=list(columns), data=rows),
+                                   "trainer/global_step": trainer.global_step})
+    out = Path(trainer.default_root_dir) / "tables" / (key.replace("/", "_") + ".csv")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(columns)
+        writer.writerows([f"{v:.6g}" if isinstance(v, float) else v for v in row] for row in rows)
+    return out
 
 
 class ImageLogger(Callback):
@@ -117,6 +138,40 @@ class ImageLogger(Callback):
     def on_test_end(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> None:
         if self.after_test:
             self.draw_in_eval_mode(trainer, pl_module, "test")
+
+
+class EpochLines(ProgressBar):
+    """The progress "bar" of a run whose output is not a terminal (a log file, a batch job): one line per training
+    epoch with its metrics, e.g. ``epoch 3/15  step 270  train/loss 0.1234  val/acc 0.9911  (12.3 s)``, and nothing
+    per step. The CLI uses it instead of Lightning's bar when stdout is not a TTY."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._enabled = True
+        self._started = 0.0
+
+    def disable(self) -> None:
+        self._enabled = False
+
+    def enable(self) -> None:
+        self._enabled = True
+
+    def on_train_epoch_start(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> None:
+        import time  # noqa: PLC0415
+
+        self._started = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> None:
+        import time  # noqa: PLC0415
+
+        if not self._enabled or not trainer.is_global_zero:
+            return
+        metrics = {k: v for k, v in self.get_metrics(trainer, pl_module).items()
+                   if k != "v_num" and not k.endswith("_step")}
+        shown = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in sorted(metrics.items()))
+        total = f"/{trainer.max_epochs}" if trainer.max_epochs and trainer.max_epochs > 0 else ""
+        print(f"epoch {trainer.current_epoch + 1}{total}  step {trainer.global_step}  {shown}  "
+              f"({time.perf_counter() - self._started:.1f} s)", flush=True)
 
 
 class LearningRateLogger(LearningRateMonitor):

@@ -26,7 +26,8 @@ Transforms (``detection_transform``): training resizes the shorter side to a siz
 (multi-scale when a list) with the longer side capped at ``max_size``, then flips horizontally with ``flip_prob``;
 evaluation resizes the shorter side to ``min_size`` (longer side capped). Both clamp the boxes to the image and drop
 the degenerate ones (together with their labels and ``iscrowd``). A resize to the size an image already has is
-skipped.
+skipped. ``zoo predict`` on a folder (``predict_dir``) reads each file as RGB and resizes it as evaluation does
+(``image_transform``); its batches are ``image_file_collate``'s dicts with the files' original sizes.
 
 Training batches hold only landscape (w ≥ h) or only portrait images (``AspectRatioBatchSampler``, as torchvision's
 ``GroupedBatchSampler``), so little padding is wasted; the DataModules shard training and evaluation across DDP ranks
@@ -41,11 +42,13 @@ from datamodules.detection.datamodules import (CocoDetectionDataModule, Detectio
                                                VOCDetectionDataModule)
 from datamodules.detection.records import DetectionDataset, DetectionRecords
 from datamodules.detection.sampler import AspectRatioBatchSampler
-from datamodules.detection.transforms import ResizeShortestSide, detection_collate, detection_transform
+from datamodules.detection.transforms import (ResizeShortestSide, detection_collate, detection_transform,
+                                              image_file_collate, image_transform)
 from datamodules.detection.voc import VOC_CLASSES, VOC_LAYOUT, VOCDetection
 
 __all__ = [
     "VOC_CLASSES", "COCO_LAYOUT", "VOC_LAYOUT", "DetectionRecords", "DetectionDataset", "parse_coco", "CocoDetection",
-    "VOCDetection", "ResizeShortestSide", "detection_transform", "detection_collate", "AspectRatioBatchSampler",
+    "VOCDetection", "ResizeShortestSide", "detection_transform", "detection_collate", "image_transform",
+    "image_file_collate", "AspectRatioBatchSampler",
     "DetectionDataModule", "CocoDetectionDataModule", "VOCDetectionDataModule", "DigitCanvasDataModule",
 ]

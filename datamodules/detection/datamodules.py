@@ -1,4 +1,9 @@
-"""The detection DataModules: COCO, Pascal VOC and the embedded digits-on-canvas set (read as COCO)."""
+"""The detection DataModules: COCO, Pascal VOC and the embedded digits-on-canvas set (read as COCO).
+
+``zoo predict`` runs on the test split, or with ``predict_dir`` on a folder of one's own images: each is read as RGB
+(grey-scale files, like the digit canvases, are repeated over three channels exactly as the splits read them) and
+resized as the test split is (``image_transform``); batches keep every image's own size (``image_file_collate``).
+"""
 
 from __future__ import annotations
 
@@ -14,7 +19,7 @@ from datamodules.base import ZooDataModule, require_path
 from datamodules.detection.coco import COCO_HOW_TO_GET, COCO_LAYOUT, CocoDetection
 from datamodules.detection.records import DetectionDataset
 from datamodules.detection.sampler import AspectRatioBatchSampler
-from datamodules.detection.transforms import detection_collate, detection_transform
+from datamodules.detection.transforms import detection_collate, detection_transform, image_file_collate, image_transform
 from datamodules.detection.voc import VOC_CLASSES, VOCDetection, parse_voc_set_name
 from datamodules.generated.detection_digit_canvas import write_digit_canvas
 
@@ -35,14 +40,16 @@ class DetectionDataModule(ZooDataModule):
         group_aspect_ratio: batch landscape and portrait images separately (``AspectRatioBatchSampler``).
         batch_size, eval_batch_size, num_workers, pin_memory: see ``ZooDataModule``.
         seed: with the epoch, fixes the training order; the same on every rank.
+        predict_dir: a folder of images (any depth) for ``zoo predict``, read as RGB and resized like the test
+            split; ``None``: predict on the test split.
     """
 
     def __init__(self, *, train_min_size: int | list[int] = 800, min_size: int = 800, max_size: int = 1333,
                  flip_prob: float = 0.5, group_aspect_ratio: bool = True, batch_size: int = 2,
                  eval_batch_size: Optional[int] = None, num_workers: int = 0, pin_memory: bool = False,
-                 seed: int = 0) -> None:
+                 seed: int = 0, predict_dir: Optional[str] = None) -> None:
         super().__init__(batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers,
-                         pin_memory=pin_memory)
+                         pin_memory=pin_memory, predict_dir=predict_dir)
         self.train_min_size = train_min_size if isinstance(train_min_size, int) else list(train_min_size)
         self.min_size, self.max_size, self.flip_prob = min_size, max_size, flip_prob
         self.group_aspect_ratio, self.seed = group_aspect_ratio, seed
@@ -55,11 +62,21 @@ class DetectionDataModule(ZooDataModule):
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    @property
+    def category_ids(self) -> list[int]:
+        """The category id ``zoo predict`` writes in ``results.json`` for each label: ``1..C`` in label order here
+        (VOC: ``VOC_CLASSES`` order); COCO-format sets map back to their own, possibly sparse, ids."""
+        return list(range(1, self.num_classes + 1))
+
     def train_transform(self) -> v2.Compose:
         return detection_transform(True, self.train_min_size, self.max_size, self.flip_prob)
 
     def eval_transform(self) -> v2.Compose:
         return detection_transform(False, self.min_size, self.max_size)
+
+    def predict_transform(self) -> v2.Compose:
+        """A ``predict_dir`` image (PIL, RGB) → the test split's input: the same shorter-side resize, float in [0, 1]."""
+        return image_transform(self.min_size, self.max_size)
 
     def _build(self, split: str, transform: Callable) -> DetectionDataset:
         raise NotImplementedError(f"{type(self).__name__} must implement _build(split, transform)")
@@ -69,7 +86,8 @@ class DetectionDataModule(ZooDataModule):
             self.train_set = self._build("train", self.train_transform())
         if stage in (None, "fit", "validate") and self.val_set is None:
             self.val_set = self._build("val", self.eval_transform())
-        if stage in (None, "test", "predict") and self.test_set is None:
+        predicts_on_a_folder = stage == "predict" and self.predict_dir is not None  # the test split is not needed
+        if stage in (None, "test", "predict") and self.test_set is None and not predicts_on_a_folder:
             self.test_set = self._build("test", self.eval_transform())
 
     def train_dataloader(self) -> DataLoader:
@@ -84,6 +102,13 @@ class DetectionDataModule(ZooDataModule):
     # for DetectionMetrics.
     eval_collate_fn = staticmethod(detection_collate)
 
+    def predict_dataloader(self) -> DataLoader:
+        """The test split (``(images, targets)`` batches), or with ``predict_dir`` its images in batches of
+        ``image_file_collate`` (images of different sizes cannot be stacked), sharded like the evaluation loaders."""
+        if self.predict_dir is None:
+            return super().predict_dataloader()
+        return self.eval_loader(self.predict_sets(), collate_fn=image_file_collate)
+
 
 class CocoDetectionDataModule(DetectionDataModule):
     """COCO (or any COCO-format set): image folders and ``instances_*.json`` under ``root``.
@@ -95,6 +120,7 @@ class CocoDetectionDataModule(DetectionDataModule):
         root: the dataset folder (``data/coco``).
         train_images, train_annotations, val_images, val_annotations: paths relative to ``root``.
         test_images, test_annotations: default: the validation ones.
+        predict_dir: a folder of images for ``zoo predict`` (see ``DetectionDataModule``).
         **kwargs: see ``DetectionDataModule`` (COCO's 800 / 1333 sizes are its defaults).
     """
 
@@ -108,9 +134,10 @@ class CocoDetectionDataModule(DetectionDataModule):
         val_annotations: str = "annotations/instances_val2017.json",
         test_images: Optional[str] = None,
         test_annotations: Optional[str] = None,
+        predict_dir: Optional[str] = None,
         **kwargs: Any,
     ) -> None:
-        super().__init__(**kwargs)
+        super().__init__(predict_dir=predict_dir, **kwargs)
         self.root = Path(root)
         self.files = {
             "train": (train_images, train_annotations),
@@ -160,6 +187,7 @@ class VOCDetectionDataModule(DetectionDataModule):
         download: fetch the missing sets' tars (VOC2007 trainval/test, VOC2012 trainval) with torchvision's
             ``VOCDetection`` into ``root``'s parent (about 3.6 GB); off by default, nothing is downloaded unless asked.
         train_min_size, min_size, max_size: 600 / 1000 as in Faster R-CNN's VOC setting.
+        predict_dir: a folder of images for ``zoo predict`` (see ``DetectionDataModule``).
         **kwargs: see ``DetectionDataModule``.
     """
 
@@ -174,9 +202,11 @@ class VOCDetectionDataModule(DetectionDataModule):
         min_size: int = 600,
         max_size: int = 1000,
         download: bool = False,
+        predict_dir: Optional[str] = None,
         **kwargs: Any,
     ) -> None:
-        super().__init__(train_min_size=train_min_size, min_size=min_size, max_size=max_size, **kwargs)
+        super().__init__(train_min_size=train_min_size, min_size=min_size, max_size=max_size, predict_dir=predict_dir,
+                         **kwargs)
         self.root = Path(root)
         self.download = download
         self.sets = {"train": list(train_sets), "val": [val_set], "test": [test_set]}
@@ -218,6 +248,9 @@ class DigitCanvasDataModule(CocoDetectionDataModule):
             ``write_digit_canvas``.
         train_min_size, min_size, max_size: default ``canvas_size``.
         flip_prob, group_aspect_ratio, batch_size: no flip, no grouping, 16 canvases.
+        predict_dir: a folder of images for ``zoo predict``; the canvases are grey-scale PNGs, read as RGB (the
+            grey repeated) exactly as the splits read them, and resized like the test split (the shorter side to
+            ``min_size``, by default ``canvas_size``).
         **kwargs: see ``DetectionDataModule``.
     """
 
@@ -240,6 +273,7 @@ class DigitCanvasDataModule(CocoDetectionDataModule):
         flip_prob: float = 0.0,
         group_aspect_ratio: bool = False,
         batch_size: int = 16,
+        predict_dir: Optional[str] = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(root=root, train_images="train", train_annotations="annotations/instances_train.json",
@@ -247,7 +281,8 @@ class DigitCanvasDataModule(CocoDetectionDataModule):
                          test_annotations="annotations/instances_test.json",
                          train_min_size=canvas_size if train_min_size is None else train_min_size,
                          min_size=min_size or canvas_size, max_size=max_size or canvas_size, flip_prob=flip_prob,
-                         group_aspect_ratio=group_aspect_ratio, batch_size=batch_size, **kwargs)
+                         group_aspect_ratio=group_aspect_ratio, batch_size=batch_size, predict_dir=predict_dir,
+                         **kwargs)
         self.generation = dict(seed=generator_seed, canvas_size=canvas_size, num_train=num_train, num_val=num_val,
                                num_test=num_test, min_digit=min_digit, max_digit=max_digit, max_digits=max_digits,
                                noise=noise)

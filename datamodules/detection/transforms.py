@@ -16,7 +16,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-__all__ = ["ResizeShortestSide", "detection_transform", "detection_collate"]
+__all__ = ["ResizeShortestSide", "detection_transform", "image_transform", "detection_collate", "image_file_collate"]
 
 
 def _shortest_side_size(height: int, width: int, min_size: int, max_size: Optional[int]) -> tuple[int, int]:
@@ -89,7 +89,27 @@ def detection_transform(train: bool, min_size: Optional[int | Sequence[int]] = N
     return v2.Compose(steps)
 
 
+def image_transform(min_size: Optional[int] = None, max_size: Optional[int] = None) -> v2.Compose:
+    """The image-only twin of ``detection_transform(train=False, min_size, max_size)`` for ``zoo predict`` on a
+    folder: PIL image → uint8 tensor → the same shorter-side resize → float32 in [0, 1] (no normalisation: the models
+    normalise inside)."""
+    steps: list[Callable] = [v2.PILToTensor()]
+    if min_size is not None:
+        steps.append(ResizeShortestSide(min_size, max_size))
+    steps.append(v2.ToDtype(torch.float32, scale=True))
+    return v2.Compose(steps)
+
+
 def detection_collate(batch: Sequence[tuple[torch.Tensor, dict[str, torch.Tensor]]]
                       ) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
     """``(list of images, list of targets)``: images keep their own sizes (models pad them)."""
     return [image for image, _ in batch], [target for _, target in batch]
+
+
+def image_file_collate(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """A batch of ``ImageFileDataset`` items (``zoo predict`` on a folder) that keeps the images' own sizes:
+    ``{"image": list of (3, H, W), "path": list of str, "index": (B,) int64, "size": (B, 2) int64 (h, w) of the files}``.
+    """
+    return {"image": [item["image"] for item in items], "path": [item["path"] for item in items],
+            "index": torch.tensor([int(item["index"]) for item in items], dtype=torch.int64),
+            "size": torch.stack([torch.as_tensor(item["size"], dtype=torch.int64) for item in items])}

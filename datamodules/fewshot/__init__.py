@@ -3,14 +3,15 @@
 * ``episodes``: the episode contract (``Episode``, ``EpisodeSetting``), ``EpisodicBatchSampler`` and
   ``EpisodeCollate``;
 * ``datamodules``: ``FewShotDataModule`` and the formats (``OmniglotDataModule``, ``CloserLookDataModule``) and the
-  embedded default ``GlyphsDataModule``.
+  embedded default ``GlyphsDataModule``; ``FolderEpisode``, the one episode ``zoo predict`` builds from a
+  ``predict_dir`` (``PREDICT_LAYOUT``).
 """
 
-from datamodules.fewshot.datamodules import (CloserLookDataModule, FewShotDataModule, FewShotImageDataset,
-                                             GlyphsDataModule, OmniglotDataModule)
+from datamodules.fewshot.datamodules import (PREDICT_LAYOUT, CloserLookDataModule, FewShotDataModule,
+                                             FewShotImageDataset, FolderEpisode, GlyphsDataModule, OmniglotDataModule)
 from datamodules.fewshot.episodes import Episode, EpisodeCollate, EpisodeSetting, EpisodicBatchSampler
 
 __all__ = [
     "Episode", "EpisodeSetting", "EpisodicBatchSampler", "EpisodeCollate", "FewShotImageDataset", "FewShotDataModule",
-    "OmniglotDataModule", "CloserLookDataModule", "GlyphsDataModule",
+    "OmniglotDataModule", "CloserLookDataModule", "GlyphsDataModule", "FolderEpisode", "PREDICT_LAYOUT",
 ]

@@ -12,6 +12,9 @@ subclasses read the on-disk formats:
 - ``GlyphsDataModule``: writes a procedural glyph set (``datamodules.generated.fewshot_glyphs``) in Omniglot's layout
   once, then reads it through ``OmniglotDataModule``.
 
+``zoo predict`` runs on every test setting's fixed episodes, or, with ``predict_dir``, on one episode made of one's own
+images (``FolderEpisode``: ``support/<class name>/*`` are the labelled shots, ``query/**`` the images to classify).
+
 Baseline/Baseline++ pre-train on plain batches: ``train_mode="batch"`` swaps the training sampler for
 ``datamodules.sampler.ClassBalancedBatchSampler``.
 """
@@ -21,23 +24,42 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, NoReturn, Optional, Sequence
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
-from datamodules.base import IMAGENET_MEAN, IMAGENET_STD, DatasetNotFoundError, ZooDataModule, read_image, require_path
+from datamodules.base import (IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, DatasetNotFoundError, ZooDataModule,
+                              list_images, read_image, require_path)
 from datamodules.fewshot.episodes import EpisodeCollate, EpisodeSetting, EpisodicBatchSampler
 from datamodules.sampler import ClassBalancedBatchSampler
 
-__all__ = ["FewShotImageDataset", "FewShotDataModule", "OmniglotDataModule", "CloserLookDataModule", "GlyphsDataModule"]
+__all__ = [
+    "FewShotImageDataset", "FolderEpisode", "PREDICT_LAYOUT", "FewShotDataModule", "OmniglotDataModule",
+    "CloserLookDataModule", "GlyphsDataModule",
+]
 
 
 def _invert(image: torch.Tensor) -> torch.Tensor:
     return 1.0 - image
+
+
+def _resize(image: torch.Tensor, image_size: int, channels: int) -> torch.Tensor:
+    """The evaluation resize of a uint8 image ``(C, H, W)``."""
+    if channels == 3:  # CloserLook's evaluation transform: resize to 1.15× then centre-crop
+        image = v2.functional.resize(image, [int(image_size * 1.15)] * 2, antialias=True)
+        return v2.functional.center_crop(image, [image_size] * 2)
+    return v2.functional.resize(image, [image_size] * 2, antialias=True)
+
+
+def _test_transform(image: Any, image_size: int, channels: int, finish: Callable[[torch.Tensor], torch.Tensor]
+                    ) -> torch.Tensor:
+    """A PIL image through the test split's steps: to uint8 tensor, resize, ``finish`` (float, invert, normalise)."""
+    return finish(_resize(v2.functional.pil_to_tensor(image), image_size, channels))
 
 
 class FewShotImageDataset(Dataset):
@@ -72,6 +94,83 @@ class FewShotImageDataset(Dataset):
         return self.finish(image), int(self.labels[i])
 
 
+PREDICT_LAYOUT = """\
+  <predict_dir>/support/<class name>/*.png   the labelled examples: one folder per class (at least two), its images
+                                             (any depth) are the shots; the folder name is the predicted label
+  <predict_dir>/query/**/*.png               the images to classify (any depth)"""
+
+
+class FolderEpisode(Dataset):
+    """One few-shot episode made of one's own images, for ``zoo predict`` with ``data.init_args.predict_dir``.
+
+    Every image under ``support/<class name>/`` is a shot of that class (classes in sorted folder order; they may have
+    different numbers of shots), every image under ``query/`` (any depth) a query. The single item is a dict
+    ``{"support": (S, C, H, W), "support_labels": (S,) episode class of each shot, "class_names": [N names],
+    "query": (M, C, H, W), "paths": [M query files]}``, the images through the test split's transform.
+
+    Args:
+        folder: the ``predict_dir``.
+        transform: PIL image → model input (``FewShotDataModule.predict_transform``).
+        mode: the PIL mode the images are read in (``"L"`` or ``"RGB"``).
+
+    Raises:
+        DatasetNotFoundError: ``support/`` or ``query/`` is missing, fewer than two class folders, images directly
+            under ``support/``, or a class folder or ``query/`` without images; the message shows ``PREDICT_LAYOUT``.
+    """
+
+    def __init__(self, folder: str | Path, transform: Callable[[Any], torch.Tensor], mode: str) -> None:
+        folder = Path(folder).expanduser()
+        self.transform, self.mode = transform, mode
+        for part in ("support", "query"):
+            if not (folder / part).is_dir():
+                self._fail(f"'{(folder / part).resolve()}' is missing")
+        support = folder / "support"
+        loose = sorted(p.name for p in support.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        if loose:
+            self._fail(f"'{support.resolve()}' holds images outside a class folder ({', '.join(loose[:3])}); put "
+                       "each class's images in support/<class name>/")
+        class_dirs = sorted(p for p in support.iterdir() if p.is_dir() and not p.name.startswith("."))  # not .git/
+        if len(class_dirs) < 2:
+            self._fail(f"'{support.resolve()}' has {len(class_dirs)} class folder(s); an episode needs at least two")
+        self.class_names = [d.name for d in class_dirs]
+        self.support_files: list[Path] = []
+        labels: list[int] = []
+        for label, class_dir in enumerate(class_dirs):
+            files = sorted(p for p in class_dir.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+            if not files:
+                self._fail(f"the class folder '{class_dir.resolve()}' holds no image (endings "
+                           f"{', '.join(IMAGE_EXTENSIONS)})")
+            self.support_files += files
+            labels += [label] * len(files)
+        self.support_labels = torch.tensor(labels)
+        try:
+            self.query_files = list_images(folder / "query", what="predict_dir query/")
+        except DatasetNotFoundError as err:
+            self._fail(str(err))
+
+    @staticmethod
+    def _fail(problem: str) -> NoReturn:
+        raise DatasetNotFoundError(f"few-shot predict_dir: {problem}. Expected the layout\n{PREDICT_LAYOUT}")
+
+    def __len__(self) -> int:
+        return 1
+
+    def _images(self, files: list[Path]) -> torch.Tensor:
+        return torch.stack([self.transform(read_image(f, self.mode)) for f in files])
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if index != 0:
+            raise IndexError(index)
+        return {"support": self._images(self.support_files), "support_labels": self.support_labels.clone(),
+                "class_names": list(self.class_names), "query": self._images(self.query_files),
+                "paths": [str(f) for f in self.query_files]}
+
+
+def _the_item(items: list[Any]) -> Any:
+    """Collate of a loader over one-item batches that are already whole episodes: the item itself."""
+    return items[0]
+
+
 @dataclass
 class _Split:
     """A split as lists: per class its files and rotation; built by the format-specific subclasses."""
@@ -99,6 +198,9 @@ class FewShotDataModule(ZooDataModule):
         seed: seed of the episode samplers (independent of the training seed).
         batch_size: the plain-batch size of ``train_mode="batch"``.
         num_workers, pin_memory: see ``ZooDataModule``.
+        predict_dir: a folder laid out as ``support/<class name>/*.png`` + ``query/**/*.png`` (``PREDICT_LAYOUT``):
+            ``zoo predict`` classifies the queries given the support images as one episode (``FolderEpisode``);
+            ``None``: predict on the test settings' fixed episodes.
     """
 
     mean: Optional[tuple[float, ...]] = None
@@ -119,8 +221,10 @@ class FewShotDataModule(ZooDataModule):
         batch_size: int = 16,
         num_workers: int = 0,
         pin_memory: bool = False,
+        predict_dir: Optional[str] = None,
     ) -> None:
-        super().__init__(batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory)
+        super().__init__(batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory,
+                         predict_dir=predict_dir)
         if channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {channels}")
         if train_mode not in ("episodic", "batch"):
@@ -156,10 +260,7 @@ class FewShotDataModule(ZooDataModule):
         return self.resize(v2.functional.pil_to_tensor(image))
 
     def resize(self, image: torch.Tensor) -> torch.Tensor:
-        if self.channels == 3:  # CloserLook's evaluation transform: resize to 1.15× then centre-crop
-            image = v2.functional.resize(image, [int(self.image_size * 1.15)] * 2, antialias=True)
-            return v2.functional.center_crop(image, [self.image_size] * 2)
-        return v2.functional.resize(image, [self.image_size] * 2, antialias=True)
+        return _resize(image, self.image_size, self.channels)
 
     def _finish(self) -> Callable[[torch.Tensor], torch.Tensor]:
         steps: list[Callable] = [v2.ToDtype(torch.float32, scale=True)]
@@ -190,8 +291,14 @@ class FewShotDataModule(ZooDataModule):
         return FewShotImageDataset(files, torch.tensor(file_index), torch.tensor(labels), torch.tensor(rotations),
                                    load, self._finish(), cache)
 
+    def _predicts_own_images(self, stage: Optional[str]) -> bool:
+        """``zoo predict`` on a ``predict_dir``: the dataset's splits are not needed (nor written, for glyphs)."""
+        trainer = getattr(self, "trainer", None)
+        predicting = stage == "predict" or (stage is None and trainer is not None and trainer.predicting)
+        return self.predict_dir is not None and predicting
+
     def setup(self, stage: Optional[str] = None) -> None:
-        if self.datasets:
+        if self.datasets or self._predicts_own_images(stage):
             return
         self.splits = self.read_splits()
         files = sorted({p for s in self.splits.values() for paths in s.class_files for p in paths})
@@ -241,8 +348,29 @@ class FewShotDataModule(ZooDataModule):
         # the same seed for every setting: 5-way 1-shot episodes start from the same draws as 5-way 5-shot ones
         return [self._episodic_loader(self.test_set, s, fixed=True, seed=self.seed + 2) for s in self.test_episodes]
 
-    def predict_dataloader(self) -> DataLoader:
-        return self.test_dataloader()[0]
+    # ---- zoo predict ----
+    @property
+    def predict_image_mode(self) -> str:  # type: ignore[override]
+        return "L" if self.channels == 1 else "RGB"
+
+    def predict_transform(self) -> Callable[[Any], torch.Tensor]:
+        """The test split's transform of one PIL image: resize (and centre-crop for RGB), to float, invert (Omniglot
+        and glyphs), normalise."""
+        # a partial of module-level functions, so loader workers can pickle it
+        return partial(_test_transform, image_size=self.image_size, channels=self.channels, finish=self._finish())
+
+    def predict_sets(self) -> Dataset | list[Dataset]:
+        """With ``predict_dir``: one ``FolderEpisode`` of its ``support/<class name>/`` and ``query/`` images (this
+        family reads a structured folder, ``PREDICT_LAYOUT``, not a flat one); without: the test split."""
+        if self.predict_dir is None:
+            return self._require(self.test_set, "test")
+        return FolderEpisode(self.predict_dir, self.predict_transform(), self.predict_image_mode)
+
+    def predict_dataloader(self) -> DataLoader | list[DataLoader]:
+        """Every test setting's fixed episodes (one loader each, as ``zoo test``), or the ``predict_dir`` episode."""
+        if self.predict_dir is None:
+            return self.test_dataloader()
+        return self.eval_loader(self.predict_sets(), collate_fn=_the_item)
 
 
 _OMNIGLOT_LAYOUT = """\
@@ -280,10 +408,12 @@ class OmniglotDataModule(FewShotDataModule):
         test_episodes: Sequence[EpisodeSetting] = (EpisodeSetting(5, 1, 15, 600), EpisodeSetting(5, 5, 15, 600),
                                                    EpisodeSetting(20, 1, 15, 600)),
         cache: bool = True,
+        predict_dir: Optional[str] = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(image_size=image_size, channels=channels, train_episodes=train_episodes,
-                         val_episodes=val_episodes, test_episodes=test_episodes, cache=cache, **kwargs)
+                         val_episodes=val_episodes, test_episodes=test_episodes, cache=cache,
+                         predict_dir=predict_dir, **kwargs)
         if any(r % 90 for r in rotations) or not rotations:
             raise ValueError(f"rotations must be multiples of 90 degrees, got {list(rotations)}")
         self.root, self.rotations = Path(root), [int(r) % 360 for r in rotations]
@@ -373,9 +503,11 @@ class CloserLookDataModule(FewShotDataModule):
         augment: bool = True,
         num_workers: int = 4,
         pin_memory: bool = True,
+        predict_dir: Optional[str] = None,
         **kwargs: Any,
     ) -> None:
-        super().__init__(channels=channels, augment=augment, num_workers=num_workers, pin_memory=pin_memory, **kwargs)
+        super().__init__(channels=channels, augment=augment, num_workers=num_workers, pin_memory=pin_memory,
+                         predict_dir=predict_dir, **kwargs)
         self.root = Path(root)
         if channels == 1:
             self.mean, self.std = None, None
@@ -439,9 +571,11 @@ class GlyphsDataModule(OmniglotDataModule):
         glyph_seed: int = 0,
         rotations: Sequence[int] = (0,),
         val_alphabets: int = 4,
+        predict_dir: Optional[str] = None,
         **kwargs: Any,
     ) -> None:
-        super().__init__(root=root, rotations=rotations, val_alphabets=val_alphabets, **kwargs)
+        super().__init__(root=root, rotations=rotations, val_alphabets=val_alphabets, predict_dir=predict_dir,
+                         **kwargs)
         self.glyph_args = dict(background_alphabets=background_alphabets, evaluation_alphabets=evaluation_alphabets,
                                characters_per_alphabet=characters_per_alphabet, drawers=drawers, seed=glyph_seed)
 
@@ -453,8 +587,12 @@ class GlyphsDataModule(OmniglotDataModule):
     def prepare_data(self) -> None:
         from datamodules.generated.fewshot_glyphs import write_glyph_omniglot
 
+        if self._predicts_own_images(None):  # predicting one's own images needs no glyph set
+            return
         write_glyph_omniglot(self.root, **self.glyph_args)
 
     def setup(self, stage: Optional[str] = None) -> None:
+        if self._predicts_own_images(stage):
+            return
         self.prepare_data()  # idempotent (cached by a marker file); covers use without a Trainer
         super().setup(stage)

@@ -7,11 +7,15 @@ beat both by more than the confidence interval to show it learned something tran
 
 ``EpisodeImageLogger`` logs the first test episodes of each setting as an image grid: one row per class, its support
 images, then its queries framed green (correct) or red (wrong).
+
+``EpisodePredictionWriter`` is the family's ``zoo predict`` writer: per-query rows and a per-setting summary on the
+test episodes, or one's own query images classified against one's own support folders (``predict_dir``).
 """
 
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -22,10 +26,11 @@ from lightning.pytorch.utilities import rank_zero_only
 from torchvision.utils import make_grid
 
 from zoo.callbacks import log_images
-from zoo.fewshot.episodic import EpisodeAccuracies, episode_accuracy, mean_ci95, query_targets
+from zoo.fewshot.episodic import EpisodeAccuracies, episode_accuracy, mean_ci95, parse_setting, query_targets
 from zoo.fewshot.protonet import prototypes, squared_euclidean_logits
+from zoo.predict import PredictionWriter, write_csv
 
-__all__ = ["nearest_class_mean_logits", "EpisodeBaselines", "EpisodeImageLogger"]
+__all__ = ["nearest_class_mean_logits", "EpisodeBaselines", "EpisodeImageLogger", "EpisodePredictionWriter"]
 
 
 def nearest_class_mean_logits(support_features: torch.Tensor, query_features: torch.Tensor) -> torch.Tensor:
@@ -122,3 +127,85 @@ class EpisodeImageLogger(Callback):
                    f"queries (green right, red wrong)")
         log_images(trainer, f"test/episode_grid_{setting}", grid.unsqueeze(0), [caption],
                    png_name=f"episodes/{setting}_{batch_idx}.png")
+
+
+class EpisodePredictionWriter(PredictionWriter):
+    """``zoo predict`` for the few-shot methods (``EpisodicModule.prediction_writer``).
+
+    On the test episodes (no ``predict_dir``; every setting of ``data.init_args.test_episodes``, the episodes
+    ``zoo test`` scores):
+
+    * ``episodes.csv``: one row per query, ``setting, episode, query, true_class, true_class_name, predicted_class,
+      predicted_class_name, correct``; ``query`` is the index in the episode's class-major query set, classes are the
+      test split's class ids (names when the datamodule has them);
+    * ``summary.csv``: per setting ``setting, n_way, k_shot, n_query, episodes, accuracy, ci95``: the mean accuracy
+      in % over the episodes ± ``1.96·std/√n``, the formula and numbers of ``test/acc_<setting>``.
+
+    On a ``predict_dir`` (``FolderEpisode``): ``predictions.csv`` with ``path, predicted_class, score, probability``
+    per query image, the class being a ``support/`` folder name, ``score`` the method's score of that class and
+    ``probability`` its softmax probability (empty for Siamese and MSE RelationNet, whose scores are not logits).
+
+    Args:
+        output_dir: see ``PredictionWriter``.
+    """
+
+    def rows(self, outputs: Any, batch: Any, dataloader_idx: int, folder: Path, trainer: "L.Trainer",
+             pl_module: "L.LightningModule") -> list[tuple]:
+        if "paths" in outputs:
+            probabilities = outputs["probability"]
+            return [("image", path, outputs["class_names"][label], score + 0.0, probability)  # + 0.0: no "-0"
+                    for path, label, score, probability in zip(
+                        outputs["paths"], self.to_list(outputs["predicted"]), self.to_list(outputs["score"]),
+                        self.to_list(probabilities) if probabilities is not None else [None] * len(outputs["paths"]))]
+        classes = self.to_list(outputs["classes"])
+        setting, episode = outputs["setting"], int(outputs["episode"])
+        return [("query", dataloader_idx, setting, episode, query, classes[target], classes[predicted])
+                for query, (target, predicted) in enumerate(zip(self.to_list(outputs["targets"]),
+                                                                self.to_list(outputs["predicted"])))]
+
+    def finish(self, rows: list[tuple], folder: Path, trainer: "L.Trainer", pl_module: "L.LightningModule"
+               ) -> list[Path]:
+        written = []
+        images = sorted({row[1]: row for row in rows if row[0] == "image"}.values())  # one row per path
+        if images:
+            written.append(write_csv(folder / "predictions.csv", ["path", "predicted_class", "score", "probability"],
+                                     [row[1:4] + ("" if row[4] is None else row[4],) for row in images]))
+        queries = sorted(row[1:] for row in rows if row[0] == "query")  # by loader (setting), episode, query
+        if queries:
+            written += self._write_episodes(queries, folder, trainer)
+        return written
+
+    @staticmethod
+    def _class_names(trainer: "L.Trainer") -> list[str] | None:
+        class_names = getattr(trainer.datamodule, "class_names", None)
+        try:
+            return list(class_names("test")) if class_names is not None else None
+        except (KeyError, AttributeError):
+            return None
+
+    def _write_episodes(self, queries: list[tuple], folder: Path, trainer: "L.Trainer") -> list[Path]:
+        names = self._class_names(trainer)
+        name = (lambda c: names[c]) if names is not None else (lambda c: "")  # noqa: E731
+        episodes_csv = write_csv(
+            folder / "episodes.csv",
+            ["setting", "episode", "query", "true_class", "true_class_name", "predicted_class", "predicted_class_name",
+             "correct"],
+            [(setting, episode, query, true, name(true), predicted, name(predicted), int(true == predicted))
+             for _, setting, episode, query, true, predicted in queries])
+        summary = []
+        for setting in dict.fromkeys(row[1] for row in queries):  # in the loaders' order
+            in_setting = [row for row in queries if row[1] == setting]
+            episode = torch.tensor([row[2] for row in in_setting])
+            correct = torch.tensor([row[4] == row[5] for row in in_setting], dtype=torch.float32)
+            # per-episode accuracy in % as test_step computes it (float32 mean of hits, times 100)
+            ids, position = episode.unique(return_inverse=True)
+            hits = torch.zeros(len(ids)).index_add_(0, position, correct)
+            queries_per_episode = torch.bincount(position, minlength=len(ids)).float()
+            accuracy, ci95 = mean_ci95(hits / queries_per_episode * 100)
+            n_way, k_shot = parse_setting(setting)
+            n_query = int(queries_per_episode[0]) // n_way
+            summary.append((setting, n_way, k_shot, n_query, len(ids), accuracy, ci95))
+            print(f"[zoo] {setting}: accuracy {accuracy:.2f} ± {ci95:.2f} % over {len(ids)} episodes", flush=True)
+        summary_csv = write_csv(folder / "summary.csv",
+                                ["setting", "n_way", "k_shot", "n_query", "episodes", "accuracy", "ci95"], summary)
+        return [episodes_csv, summary_csv]

@@ -38,6 +38,8 @@ class ProtoNet(EpisodicModule):
         backbone, feature_dim, lr: see ``EpisodicModule``.
     """
 
+    unequal_shots = True  # a prototype is a mean over however many shots its class has
+
     def __init__(self, *, backbone: nn.Module, feature_dim: int, lr: float = 1e-3) -> None:
         super().__init__(backbone=backbone, feature_dim=feature_dim, lr=lr)
         self.save_hyperparameters()
@@ -45,3 +47,13 @@ class ProtoNet(EpisodicModule):
     def episode_logits(self, support: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
         support_features, query_features = self.embed_episode(support, query)
         return squared_euclidean_logits(query_features, prototypes(support_features))
+
+    def support_set_logits(self, support: torch.Tensor, support_labels: torch.Tensor, n_way: int,
+                           query: torch.Tensor) -> torch.Tensor:
+        """``−‖f(x) − c_k‖²`` with ``c_k`` the mean of class ``k``'s shots, however many each class has (Eq. 1)."""
+        features = self.embed(torch.cat([support, query]))
+        support_features, query_features = features[: len(support)], features[len(support) :]
+        sums = support_features.new_zeros(n_way, support_features.shape[1]).index_add_(0, support_labels,
+                                                                                      support_features)
+        counts = torch.bincount(support_labels, minlength=n_way).clamp(min=1).to(sums.dtype)
+        return squared_euclidean_logits(query_features, sums / counts[:, None])

@@ -65,6 +65,7 @@ class RelationNet(EpisodicModule):
         if loss not in ("mse", "softmax"):
             raise ValueError(f"loss must be 'mse' or 'softmax', got {loss!r}")
         self.loss_type = loss
+        self.scores_are_logits = loss == "softmax"  # MSE: independent relation scores in (0, 1)
         self.map_shape = (feature_channels, feature_size, feature_size)
         self.relation = RelationModule(feature_channels, feature_size)
 

@@ -40,6 +40,8 @@ class SiameseNet(EpisodicModule):
         backbone, feature_dim, lr: see ``EpisodicModule``.
     """
 
+    scores_are_logits = False  # mean pair similarities in (0, 1), one per class, not a distribution
+
     def __init__(self, *, backbone: nn.Module, feature_dim: int, lr: float = 1e-3) -> None:
         super().__init__(backbone=backbone, feature_dim=feature_dim, lr=lr)
         self.save_hyperparameters()

@@ -4,7 +4,8 @@ A training batch from ``datamodules.gan`` is ``{"A": (images_a, labels_a, index_
 draws from the two domains; labels are ``-1`` unless the dataset ships them for evaluation, and training never reads
 them. Validation, test and predict serve ``testA`` (loader 0) and ``testB`` (loader 1); every step returns the real
 images and their translation to the other domain, which ``zoo.gan.evaluation.TranslationMetrics`` turns into KID and
-content-preservation scores.
+content-preservation scores. ``zoo predict`` writes the translations as PNGs (``zoo.gan.predict.TranslationWriter``):
+of both test folders, or of a ``predict_dir`` folder, whose items (dicts) say the direction themselves.
 
 Optimisation follows both official codes: Adam (lr 1e-4, betas (0.5, 0.999), weight decay 1e-4) for the generators
 and for the discriminators, learning rate constant for the first half of training and then linearly to zero, stepped
@@ -20,6 +21,7 @@ import lightning as L
 import torch
 from torch import nn
 
+from zoo.gan.predict import TranslationWriter
 from zoo.schedules import half_then_linear_decay
 
 __all__ = ["UnpairedTranslationModule"]
@@ -107,5 +109,12 @@ class UnpairedTranslationModule(L.LightningModule):
     def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, torch.Tensor]:
         return self._eval_step(batch, dataloader_idx)
 
-    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, torch.Tensor]:
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+        if isinstance(batch, dict):  # a predict_dir (datamodules.gan.DirectedImageFiles): one direction for all
+            direction = batch["direction"][0]
+            return {"fake": self.translate(batch["image"], direction), "index": batch["index"], "direction": direction}
         return self._eval_step(batch, dataloader_idx)
+
+    def prediction_writer(self) -> TranslationWriter:
+        """``zoo predict``'s writer: translated PNGs and ``index.csv`` (``zoo.gan.predict``)."""
+        return TranslationWriter()

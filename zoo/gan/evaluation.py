@@ -12,16 +12,29 @@
   source's class) and its domain head the **target rate** (the share of translations it calls target-domain).
 * **Baselines**, measured the same way at test time: the identity mapping (no translation; KID between the two real
   test sets) and an untrained generator of the same architecture.
+
+The judge takes ~20 s to train on the digit domains (2 CPU cores), so it is cached on disk (``cached_judge``): the
+file ``judge-<key>.pt`` in ``.judge_cache/`` next to the data root (or a folder of one's choice) is keyed by a hash
+of everything that determines the judge: the decoded training images, labels and domains, the number of classes,
+the training settings (epochs, batch size, lr, width, seed), the device type and the source code of the judge and its
+training. A second run of a config loads it; a file whose key or weights do not fit is retrained and overwritten,
+never trusted. Under ``fast_dev_run`` the judge is not built at all and its metrics are not logged.
 """
 
 from __future__ import annotations
 
+import hashlib
+import inspect
+import json
+import os
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from torch.utils.data import Dataset
 from torchvision.utils import make_grid
@@ -30,7 +43,10 @@ from torchmetrics.image.kid import poly_mmd
 from zoo.callbacks import ImageLogger, log_images
 from zoo.distributed import gather_by_index
 
-__all__ = ["kernel_inception_distance", "TranslationJudge", "train_judge", "TranslationMetrics", "TranslationGrid"]
+__all__ = [
+    "kernel_inception_distance", "TranslationJudge", "train_judge", "judge_cache_key", "cached_judge",
+    "TranslationMetrics", "TranslationGrid",
+]
 
 
 def kernel_inception_distance(real: torch.Tensor, fake: torch.Tensor, subsets: int = 100, subset_size: int = 1000,
@@ -90,30 +106,26 @@ def _jitter(images: torch.Tensor, generator: torch.Generator, shift: float = 0.1
     return F.grid_sample(images, grid, padding_mode="border", align_corners=False)
 
 
-def train_judge(train_a: Dataset, train_b: Dataset, num_classes: int, epochs: int = 15, batch_size: int = 64,
-                lr: float = 2e-3, width: int = 16, seed: int = 0, device: torch.device | str = "cpu"
-                ) -> TranslationJudge:
-    """Train a ``TranslationJudge`` on both domains' training images (items ``(image, label, ...)``, label −1 if
-    unknown), deterministically from ``seed`` and without touching the global RNG; returned in eval mode.
+def _judge_tensors(train_a: Dataset, train_b: Dataset) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Both domains' training items ``(image, label, ...)`` decoded once: ``(images, labels, domains)``, A = 0."""
+    items = [(d[i][0], int(d[i][1]), domain) for domain, d in enumerate((train_a, train_b)) for i in range(len(d))]
+    return (torch.stack([item[0] for item in items]), torch.tensor([item[1] for item in items]),
+            torch.tensor([item[2] for item in items]))
 
-    The images are decoded once and kept in memory; every batch is jittered (``_jitter``); the learning rate follows
-    a cosine to zero.
-    """
+
+def _train_judge_on(images: torch.Tensor, labels: torch.Tensor, domains: torch.Tensor, num_classes: int, epochs: int,
+                    batch_size: int, lr: float, width: int, seed: int, device: torch.device | str) -> TranslationJudge:
     # Called from evaluation hooks, which run under inference mode: training needs autograd back.
     with torch.random.fork_rng(devices=[]), torch.inference_mode(False), torch.enable_grad():
         torch.manual_seed(seed)
         generator = torch.Generator().manual_seed(seed)
-        items = [(d[i][0], int(d[i][1]), domain) for domain, d in enumerate((train_a, train_b)) for i in range(len(d))]
-        images = torch.stack([item[0] for item in items])
-        labels = torch.tensor([item[1] for item in items])
-        domains = torch.tensor([item[2] for item in items])
         judge = TranslationJudge(images.shape[1], num_classes, width).to(device)
-        steps_per_epoch = -(-len(items) // batch_size)
+        steps_per_epoch = -(-len(images) // batch_size)
         optimizer = torch.optim.Adam(judge.parameters(), lr=lr)
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * steps_per_epoch)
         judge.train()
         for _ in range(epochs):
-            for batch in torch.randperm(len(items), generator=generator).split(batch_size):
+            for batch in torch.randperm(len(images), generator=generator).split(batch_size):
                 x = _jitter(images[batch], generator).to(device)
                 y, domain = labels[batch].to(device), domains[batch].to(device)
                 _, domain_logits, class_logits = judge(x)
@@ -125,6 +137,74 @@ def train_judge(train_a: Dataset, train_b: Dataset, num_classes: int, epochs: in
                 optimizer.step()
                 schedule.step()
     return judge.eval().requires_grad_(False)
+
+
+def train_judge(train_a: Dataset, train_b: Dataset, num_classes: int, epochs: int = 15, batch_size: int = 64,
+                lr: float = 2e-3, width: int = 16, seed: int = 0, device: torch.device | str = "cpu"
+                ) -> TranslationJudge:
+    """Train a ``TranslationJudge`` on both domains' training images (items ``(image, label, ...)``, label −1 if
+    unknown), deterministically from ``seed`` and without touching the global RNG; returned in eval mode.
+
+    The images are decoded once and kept in memory; every batch is jittered (``_jitter``); the learning rate follows
+    a cosine to zero.
+    """
+    images, labels, domains = _judge_tensors(train_a, train_b)
+    return _train_judge_on(images, labels, domains, num_classes, epochs, batch_size, lr, width, seed, device)
+
+
+def judge_cache_key(images: torch.Tensor, labels: torch.Tensor, domains: torch.Tensor, num_classes: int,
+                    settings: dict[str, Any]) -> str:
+    """SHA-256 of what determines a trained judge: the training tensors, the number of classes, the training
+    ``settings`` (JSON-serialisable: epochs, batch size, lr, width, seed, device type) and the source code of the
+    judge, the jitter and the training loop (an edit to them invalidates every cached judge)."""
+    digest = hashlib.sha256()
+    for tensor in (images.float(), labels.long(), domains.long()):
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    digest.update(json.dumps({"num_classes": num_classes, **settings}, sort_keys=True).encode())
+    for code in (TranslationJudge, _jitter, _train_judge_on):
+        digest.update(inspect.getsource(code).encode())
+    return digest.hexdigest()
+
+
+def cached_judge(train_a: Dataset, train_b: Dataset, num_classes: int, cache_dir: Optional[str | Path],
+                 epochs: int = 15, batch_size: int = 64, lr: float = 2e-3, width: int = 16, seed: int = 0,
+                 device: torch.device | str = "cpu", write: bool = True
+                 ) -> tuple[TranslationJudge, str, Optional[Path]]:
+    """``train_judge`` through a disk cache: ``(judge, "cache" | "trained", cache file or None)``.
+
+    The file is ``<cache_dir>/judge-<key>.pt`` (``judge_cache_key``). It is used only when it holds that key and
+    weights that load into the architecture and are finite; anything else (another key, a truncated or foreign file)
+    is reported, retrained and overwritten. ``write`` (rank 0 under DDP) saves a freshly trained judge atomically, so
+    a concurrent reader never sees half a file. ``cache_dir=None`` trains without a cache.
+    """
+    images, labels, domains = _judge_tensors(train_a, train_b)
+    settings = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "width": width, "seed": seed,
+                "in_channels": int(images.shape[1]), "device_type": torch.device(device).type}
+    path = None
+    if cache_dir is not None:
+        key = judge_cache_key(images, labels, domains, num_classes, settings)
+        path = Path(cache_dir).expanduser() / f"judge-{key[:24]}.pt"
+        if path.is_file():
+            try:
+                saved = torch.load(path, map_location="cpu", weights_only=True)
+                if not isinstance(saved, dict) or saved.get("key") != key:
+                    raise ValueError("it was saved for other data or settings")
+                judge = TranslationJudge(int(images.shape[1]), num_classes, width)
+                judge.load_state_dict(saved["state_dict"])
+                if not all(torch.isfinite(v).all() for v in judge.state_dict().values() if v.is_floating_point()):
+                    raise ValueError("it holds non-finite weights")
+                return judge.to(device).eval().requires_grad_(False), "cache", path
+            except Exception as err:  # noqa: BLE001 - any unreadable cache file is retrained, whatever the cause
+                rank_zero_warn(f"the cached judge '{path}' cannot be used ({type(err).__name__}: {err}); retraining it")
+    judge = _train_judge_on(images, labels, domains, num_classes, epochs, batch_size, lr, width, seed, device)
+    if path is not None and write:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+        torch.save({"key": key, "settings": settings, "num_classes": num_classes,
+                    "state_dict": {k: v.detach().cpu() for k, v in judge.state_dict().items()}}, partial)
+        os.replace(partial, path)
+    return judge, "trained", path
 
 
 class _InceptionFeatures(nn.Module):
@@ -158,14 +238,22 @@ class TranslationMetrics(Callback):
         judge_epochs: training epochs of the judge.
         baselines: at test time, also score the identity mapping and an untrained generator.
         seed: the judge's and KID's seed.
+        judge_cache: folder of the trained judges (``cached_judge``): ``"auto"`` is ``.judge_cache`` next to the
+            datamodule's ``root`` (or in the run folder's parent when the datamodule has none); ``null`` trains the
+            judge every run.
+
+    Under ``fast_dev_run`` the judge features are skipped: no judge is trained and nothing is logged (one info
+    line says so). ``judge_origin`` says where the judge came from: ``"trained"``, ``"cache"`` or ``"skipped"``.
     """
 
     def __init__(self, features: str = "judge", subsets: int = 100, subset_size: int = 1000, judge_epochs: int = 15,
-                 baselines: bool = True, seed: int = 0) -> None:
+                 baselines: bool = True, seed: int = 0, judge_cache: Optional[str] = "auto") -> None:
         if features not in ("judge", "inception"):
             raise ValueError(f"features must be 'judge' or 'inception', got {features!r}")
         self.features, self.subsets, self.subset_size = features, subsets, subset_size
-        self.judge_epochs, self.baselines, self.seed = judge_epochs, baselines, seed
+        self.judge_epochs, self.baselines, self.seed, self.judge_cache = judge_epochs, baselines, seed, judge_cache
+        self.judge_origin: Optional[str] = None
+        self._active = True
         self.extractor: Optional[nn.Module] = None
         self._outputs: dict[str, dict[str, list[torch.Tensor]]] = {}
         self._untrained: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
@@ -180,14 +268,36 @@ class TranslationMetrics(Callback):
             raise RuntimeError("TranslationMetrics(features='judge') needs a datamodule with judge_training_sets() "
                                "(datamodules.gan.UnpairedDataModule)")
         train_a, train_b, num_classes = datamodule.judge_training_sets()
-        judge = train_judge(train_a, train_b, num_classes, epochs=self.judge_epochs, seed=self.seed,
-                            device=pl_module.device)
+        judge, self.judge_origin, path = cached_judge(
+            train_a, train_b, num_classes, self._judge_cache_dir(trainer), epochs=self.judge_epochs, seed=self.seed,
+            device=pl_module.device, write=trainer.is_global_zero)
+        if path is not None:
+            done = "loaded from" if self.judge_origin == "cache" else "trained, cached in"
+            rank_zero_info(f"[zoo] TranslationMetrics: judge {done} {path}")
         if trainer.world_size > 1:  # every rank trained the same judge; make it bit-identical anyway
             state = trainer.strategy.broadcast({k: v.cpu() for k, v in judge.state_dict().items()}, src=0)
             judge.load_state_dict(state)
         return judge
 
+    def _judge_cache_dir(self, trainer: "L.Trainer") -> Optional[Path]:
+        if self.judge_cache is None or self.judge_cache == "":
+            return None
+        if self.judge_cache != "auto":
+            return Path(self.judge_cache)
+        # Next to the data, not inside it (the embedded sets refuse a root holding anything else); with no data root
+        # the run folder's parent, which the runs of one config share.
+        root = getattr(trainer.datamodule, "root", None)
+        base = Path(root).expanduser().resolve().parent if root is not None else Path(trainer.default_root_dir).parent
+        return base / ".judge_cache"
+
     def _start(self, trainer: "L.Trainer", pl_module: "L.LightningModule", stage: str) -> None:
+        self._active = not (self.features == "judge" and trainer.fast_dev_run)
+        if not self._active:
+            if self.judge_origin != "skipped":
+                rank_zero_info("[zoo] TranslationMetrics: fast_dev_run, so the judge is not trained and no KID, "
+                               "content or target-rate metric is logged")
+            self.judge_origin = "skipped"
+            return
         if self.extractor is None:
             self.extractor = self._build_extractor(trainer, pl_module)
         self._outputs = {}
@@ -208,6 +318,8 @@ class TranslationMetrics(Callback):
 
     @torch.no_grad()
     def _collect(self, outputs: dict[str, Any]) -> None:
+        if not self._active:
+            return
         direction = outputs["direction"]
         store = self._outputs.setdefault(direction, {})
         translations = {"": outputs["fake"]}
@@ -238,6 +350,8 @@ class TranslationMetrics(Callback):
     # ---- per epoch: gather, score, log -------------------------------------------------------------------------
 
     def _score(self, pl_module: "L.LightningModule", stage: str) -> None:
+        if not self._active:
+            return
         if set(self._outputs) != {"a2b", "b2a"}:
             self._outputs = {}
             return  # e.g. a limited validation that never reached testB

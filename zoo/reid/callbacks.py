@@ -1,14 +1,17 @@
-"""What the re-ID runs show on the dashboard: rank lists of a few target queries."""
+"""What the re-ID runs show on the dashboard: rank lists of a few target queries, and the test CMC curve."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import lightning as L
 import torch
+from lightning.pytorch.loggers import WandbLogger
 from torchvision.utils import make_grid
 
-from zoo.callbacks import ImageLogger, log_images
+from zoo.callbacks import ImageLogger, log_images, log_table
 
-__all__ = ["RankListLogger"]
+__all__ = ["RankListLogger", "log_cmc"]
 
 _GREEN, _RED, _BLUE = (0.1, 0.75, 0.2), (0.9, 0.1, 0.1), (0.2, 0.4, 0.95)
 
@@ -59,3 +62,19 @@ class RankListLogger(ImageLogger):
         log_images(trainer, f"{stage}/rank_lists", grid.unsqueeze(0),
                    ["rows: query (blue) | top gallery, correct green, wrong red; " + " || ".join(captions)],
                    png_name=f"rank_lists/{stage}_epoch{trainer.current_epoch:03d}.png")
+
+
+def log_cmc(trainer: "L.Trainer", cmc: torch.Tensor, key: str = "test/cmc", max_rank: int = 20) -> Path:
+    """The CMC curve up to rank ``max_rank`` as a table (columns ``rank``, ``accuracy``) through
+    ``zoo.callbacks.log_table`` (W&B table and ``<run>/tables/<key>.csv``) and, on W&B, as a line plot
+    ``<key>_curve``. Call it on rank 0."""
+    rows = [[rank, float(cmc[rank - 1])] for rank in range(1, min(max_rank, len(cmc)) + 1)]
+    path = log_table(trainer, key, ["rank", "accuracy"], rows)
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            import wandb  # noqa: PLC0415
+
+            table = wandb.Table(columns=["rank", "accuracy"], data=rows)
+            logger.experiment.log({f"{key}_curve": wandb.plot.line(table, "rank", "accuracy", title="CMC"),
+                                   "trainer/global_step": trainer.global_step})
+    return path

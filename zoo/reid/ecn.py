@@ -18,7 +18,8 @@ official code, which updates inside the backward pass. Total loss ``(1 − λ) L
 The official code's details are kept, each behind a flag: ResNet-50 up to ``layer2`` frozen and those layers' BN
 modules whose names contain ``bn`` kept in eval mode (so the downsample BNs still update their statistics); the
 target feature is dropped out *after* normalisation, so the memory sees dropped-out vectors; test features are the
-L2-normalised pooled backbone features (``pool5``), ranked by Euclidean distance.
+L2-normalised pooled backbone features (``pool5``), ranked by Euclidean distance. ``zoo predict`` writes the rank
+lists of the test split or of one's own query/gallery folders (``zoo.reid.predict.RankListWriter``).
 
 Under DDP every rank all-gathers the embeddings and indices of the step before updating, so all ranks hold the same
 memory; the memory is a persistent buffer, so checkpoints and resumes carry it, and ``α`` follows the restored epoch.
@@ -36,7 +37,9 @@ from torch import nn
 
 from zoo.contracts import check_num_classes, feature_channels
 from zoo.distributed import gather_by_index
+from zoo.reid.callbacks import log_cmc
 from zoo.reid.evaluation import rank_lists, reid_metrics
+from zoo.reid.predict import RankListWriter
 
 __all__ = ["ExemplarMemory", "neighbourhood_targets", "invariance_loss", "EmbeddingHead", "ECN"]
 
@@ -336,6 +339,8 @@ class ECN(L.LightningModule):
         for name, value in metrics.as_dict().items():
             # Every rank computed the same numbers from the gathered features: no further reduction needed.
             self.log(f"{stage}/{name}", value, prog_bar=name in ("rank1", "mAP"))
+        if stage == "test" and self.trainer.is_global_zero:
+            log_cmc(self.trainer, metrics.cmc, "test/cmc")
 
     def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._eval_step(batch, dataloader_idx)
@@ -352,3 +357,7 @@ class ECN(L.LightningModule):
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, torch.Tensor]:
         images, pids, cams, indices = batch
         return {"features": self(images), "pids": pids, "cameras": cams, "indices": indices}
+
+    def prediction_writer(self) -> RankListWriter:
+        """``zoo predict``'s writer: ``rank_lists.csv`` of the queries (``zoo.reid.predict``)."""
+        return RankListWriter()
