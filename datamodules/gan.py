@@ -43,6 +43,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
 from datamodules.base import CorruptImageError, ImageFileDataset, ZooDataModule, read_image, require_path
+from datamodules.base import IMAGE_EXTENSIONS
 from datamodules.base import list_images as list_image_files
 from datamodules.generated.gan_digit_domains import write_digit_domains
 
@@ -51,7 +52,6 @@ __all__ = [
     "UnpairedImageDataset", "DirectedImageFiles", "UnpairedDataModule", "DigitDomainsDataModule",
 ]
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 SPLITS = ("trainA", "trainB", "testA", "testB")
 #: translation directions: ``"a2b"`` reads domain-A images and writes domain B
 DIRECTIONS = ("a2b", "b2a")

@@ -28,6 +28,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torchvision.utils import make_grid, save_image
 
+from zoo.predict import write_csv
+
 from zoo.checkpoint import load_weights, remove_stale_temporaries
 
 __all__ = [
@@ -61,8 +63,6 @@ def log_images(trainer: "L.Trainer", key: str, images: torch.Tensor, captions: S
 def log_table(trainer: "L.Trainer", key: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> Path:
     """A results table: to W&B as a ``wandb.Table`` under ``key`` (when the run logs to W&B), and always as
     ``<default_root_dir>/tables/<key with / as _>.csv``, whose path is returned. Call it on rank 0."""
-    import csv  # noqa: PLC0415
-
     rows = [list(row) for row in rows]
     for logger in trainer.loggers:
         if isinstance(logger, WandbLogger):
@@ -70,13 +70,7 @@ def log_table(trainer: "L.Trainer", key: str, columns: Sequence[str], rows: Sequ
 
             logger.experiment.log({key: wandb.Table(columns=list(columns), data=rows),
                                    "trainer/global_step": trainer.global_step})
-    out = Path(trainer.default_root_dir) / "tables" / (key.replace("/", "_") + ".csv")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(columns)
-        writer.writerows([f"{v:.6g}" if isinstance(v, float) else v for v in row] for row in rows)
-    return out
+    return write_csv(Path(trainer.default_root_dir) / "tables" / (key.replace("/", "_") + ".csv"), columns, rows)
 
 
 class ImageLogger(Callback):

@@ -136,10 +136,10 @@ class FolderEpisode(Dataset):
         self.support_files: list[Path] = []
         labels: list[int] = []
         for label, class_dir in enumerate(class_dirs):
-            files = sorted(p for p in class_dir.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-            if not files:
-                self._fail(f"the class folder '{class_dir.resolve()}' holds no image (endings "
-                           f"{', '.join(IMAGE_EXTENSIONS)})")
+            try:
+                files = list_images(class_dir, what=f"predict_dir support class '{class_dir.name}'")
+            except DatasetNotFoundError as err:
+                self._fail(str(err))
             self.support_files += files
             labels += [label] * len(files)
         self.support_labels = torch.tensor(labels)

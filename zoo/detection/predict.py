@@ -41,7 +41,7 @@ class DetectionPredictionWriter(PredictionWriter):
     Args:
         num_drawn: how many images (the first ones of the set) are drawn into ``images/``; 0: none.
         min_score: the detections drawn are those scoring at least this (``results.json`` has all of them).
-        output_dir: where the files go; ``None``: ``<trainer.default_root_dir>/predictions``.
+        output_dir: where the files go; ``None``: ``PredictionWriter.folder`` (the run folder's ``predictions/``).
     """
 
     def __init__(self, num_drawn: int = 16, min_score: float = 0.3, output_dir: Optional[str] = None) -> None:

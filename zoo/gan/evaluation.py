@@ -26,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
-import os
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -40,7 +39,8 @@ from torch.utils.data import Dataset
 from torchvision.utils import make_grid
 from torchmetrics.image.kid import poly_mmd
 
-from zoo.callbacks import ImageLogger, log_images
+from zoo.callbacks import ImageLogger, log_images, non_finite_tensors
+from zoo.checkpoint import AtomicCheckpointIO
 from zoo.distributed import gather_by_index
 
 __all__ = [
@@ -192,18 +192,16 @@ def cached_judge(train_a: Dataset, train_b: Dataset, num_classes: int, cache_dir
                     raise ValueError("it was saved for other data or settings")
                 judge = TranslationJudge(int(images.shape[1]), num_classes, width)
                 judge.load_state_dict(saved["state_dict"])
-                if not all(torch.isfinite(v).all() for v in judge.state_dict().values() if v.is_floating_point()):
+                if non_finite_tensors({"state_dict": judge.state_dict()}):
                     raise ValueError("it holds non-finite weights")
                 return judge.to(device).eval().requires_grad_(False), "cache", path
             except Exception as err:  # noqa: BLE001 - any unreadable cache file is retrained, whatever the cause
                 rank_zero_warn(f"the cached judge '{path}' cannot be used ({type(err).__name__}: {err}); retraining it")
     judge = _train_judge_on(images, labels, domains, num_classes, epochs, batch_size, lr, width, seed, device)
     if path is not None and write:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-        torch.save({"key": key, "settings": settings, "num_classes": num_classes,
-                    "state_dict": {k: v.detach().cpu() for k, v in judge.state_dict().items()}}, partial)
-        os.replace(partial, path)
+        AtomicCheckpointIO().save_checkpoint({"key": key, "settings": settings, "num_classes": num_classes,
+                                              "state_dict": {k: v.detach().cpu() for k, v in judge.state_dict().items()}},
+                                             path)
     return judge, "trained", path
 
 

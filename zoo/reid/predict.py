@@ -87,7 +87,7 @@ class RankListWriter(PredictionWriter):
     ``zoo predict``; see the module docstring for the columns.
 
     Args:
-        output_dir: where the files go (default ``<run folder>/predictions``).
+        output_dir: where the files go; ``None``: ``PredictionWriter.folder`` (the run folder's ``predictions/``).
         top_k: gallery images listed per query.
         save_features: also write ``features.pt``.
     """
