@@ -54,6 +54,12 @@ class ClassifierHead(nn.Module):
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.fc(self.dropout(features.mean(dim=(2, 3))))
 
+    def dense(self, features: torch.Tensor) -> torch.Tensor:
+        """The linear layer applied at every position, as a 1 × 1 convolution: ``(B, C, h, w) → (B, K, h, w)``
+        scores whose spatial mean is ``forward``'s logits in evaluation mode (a teacher's label map, ReLabel §3)."""
+        return F.conv2d(features, self.fc.weight[:, :, None, None].to(features.dtype),
+                        None if self.fc.bias is None else self.fc.bias.to(features.dtype))
+
 
 class Classifier(nn.Module):
     """A feature-map backbone followed by ``ClassifierHead``: images ``(B, C, H, W)`` → logits ``(B, K)``."""
