@@ -303,7 +303,7 @@ class ReLabelImageFolderDataModule(ImageFolderDataModule):
 
     Args:
         root, image_size, crop_pct, mean, std, train_dir, val_dir, test_dir: see ``ImageFolderDataModule``.
-        label_maps: the label-map folder (``<class>/<stem>.pt``).
+        label_maps: the label-map folder (``<class>/<stem>.pt``); needed to train, not to validate, test or predict.
         scale, ratio: of the random resized crop (the official recipe: (0.08, 1), (3/4, 4/3)).
         flip: probability of a horizontal flip after the crop (the pooled 1 × 1 label does not depend on it).
         color_jitter: brightness, contrast and saturation jitter after the crop (0.4 in the official recipe; 0: none).
@@ -318,7 +318,7 @@ class ReLabelImageFolderDataModule(ImageFolderDataModule):
         self,
         *,
         root: str,
-        label_maps: str,
+        label_maps: Optional[str] = None,
         image_size: int = 224,
         crop_pct: float = 0.875,
         mean: Optional[Sequence[float]] = IMAGENET_MEAN,
@@ -344,7 +344,7 @@ class ReLabelImageFolderDataModule(ImageFolderDataModule):
                          predict_dir=predict_dir)
         if mean is None or std is None:
             self.mean = self.std = None
-        self.label_maps = Path(label_maps)
+        self.label_maps = None if label_maps is None else Path(label_maps)
         self.scale, self.ratio, self.flip, self.color_jitter = tuple(scale), tuple(ratio), flip, color_jitter
         self.image_mode, self.predict_size = image_mode, predict_size
         self.predict_image_mode = image_mode
@@ -376,6 +376,11 @@ class ReLabelImageFolderDataModule(ImageFolderDataModule):
 
     def setup(self, stage: Optional[str] = None) -> None:
         super().setup(stage)
+        if stage not in (None, "fit"):
+            return  # validation, test and predict read the single labels (and predict_dir): no label maps needed
+        if self.label_maps is None:
+            raise ValueError(f"{type(self).__name__}: training needs `label_maps`, the folder of label maps. Expected "
+                             f"layout:\n{_RELABEL_LAYOUT}")
         train_path = self.root / self.split_dirs["train"]
         require_path(self.label_maps, "ReLabel label maps", _RELABEL_LAYOUT,
                      "download the released maps (github.com/naver-ai/relabel_imagenet) or write them with "
@@ -383,7 +388,7 @@ class ReLabelImageFolderDataModule(ImageFolderDataModule):
         crop = RandomResizedCropWithBox(self.image_size, self.scale, self.ratio)
         self.train_set = LabelMapImageFolder(train_path, self.label_maps, crop, self.train_transform(),
                                              self.num_classes, self.image_mode)
-        if stage in (None, "fit") and len(self.train_set):
+        if len(self.train_set):
             load_label_map(self.train_set.label_map_path(0), self.num_classes)  # a wrong folder fails now, not later
 
 
