@@ -279,3 +279,36 @@ def test_localized_relabel_beats_the_original_label_on_single_digits(tmp_path):
         assert result.returncode == 0, result.stderr[-3000:]
         accuracy[mode] = results_from_stdout(result.stdout)["test/acc"]
     assert accuracy["localized"] > accuracy["original"], accuracy
+
+
+@pytest.mark.slow  # two 2-process DDP runs on the CPU, about a minute
+def test_two_process_test_scores_what_one_process_scores(tmp_path, small_canvas_set):
+    ZooCLI(args=["fit", *small_run(tmp_path / "fit", small_canvas_set)])
+    ckpt = tmp_path / "fit" / "version_0" / "checkpoints" / "last.ckpt"
+
+    def scores(*extra: str) -> dict[str, float]:
+        args = quiet_args(tmp_path / str(len(extra)), f"--ckpt_path={ckpt}", f"--data.init_args.root={small_canvas_set}",
+                          "--data.init_args.teacher_epochs=2", "--trainer.accelerator=cpu",
+                          "--trainer.callbacks=[{class_path: zoo.classification.relabel.EitherLabelAccuracy}]", *extra,
+                          config=RELABEL_DIGITS)
+        result = run_zoo("test", *args, timeout=400)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return results_from_stdout(result.stdout, "test/")
+
+    one = scores("--trainer.devices=1")
+    two = scores("--trainer.devices=2", "--trainer.strategy=ddp")
+    assert {"test/acc", "test/either_acc"} <= set(one) and set(one) == set(two)
+    for name in ("test/acc", "test/either_acc"):  # every image scored once, the ranks' counts summed
+        assert two[name] == pytest.approx(one[name], abs=1e-6), name
+
+
+def test_cutmix_is_off_in_the_last_cutmix_off_epochs():
+    from types import SimpleNamespace
+
+    model = ReLabelClassifier(backbone=ConvNet(in_chans=1, widths=[4], num_pools=1), num_classes=3, cutmix_prob=1.0,
+                              cutmix_off_epochs=2)
+    used = []
+    for epoch in range(5):
+        model._trainer = SimpleNamespace(max_epochs=5, current_epoch=epoch)
+        used.append(model.use_cutmix())
+    assert used == [True, True, True, False, False]
