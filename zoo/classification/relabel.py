@@ -225,8 +225,9 @@ class LabelMapWriter(PredictionWriter):
 
 
 class LabelPoolingLogger(ImageLogger):
-    """What the student is taught, for a fixed set of training images: each original image with its crop box drawn,
-    captioned with the dataset label and the pooled soft label's top classes (W&B ``train/label_pooling``, or
+    """What the student is taught, for a fixed set of training images (evenly spaced through the set): each original image with its crop box drawn,
+    captioned with the dataset label and the top classes of the model's target for that crop (the pooled soft label
+    under ``localized``) (W&B ``train/label_pooling``, or
     ``<run>/relabel/epoch=NNN.png``).
 
     The datamodule's ``train_set`` must provide ``crop_example(index, seed) -> (original (C, H, W) in [0, 1], box (4,),
@@ -244,16 +245,17 @@ class LabelPoolingLogger(ImageLogger):
         dataset = getattr(trainer.datamodule, "train_set", None)
         if dataset is None or not hasattr(dataset, "crop_example"):
             return
-        examples = [dataset.crop_example(i, seed=i) for i in range(min(self.num_images, len(dataset)))]
+        # evenly spaced through the dataset: an ImageFolder is sorted by class, so the first items share one label
+        chosen = torch.linspace(0, len(dataset) - 1, min(self.num_images, len(dataset))).round().long().tolist()
+        examples = [dataset.crop_example(i, seed=i) for i in chosen]
         pictures, captions = [], []
         names = getattr(trainer.datamodule, "class_names", None) or []
-        pooling = pl_module.label_pooling
         for original, box, label, label_map in examples:
-            soft = LabelPooling(pooling.num_classes, "localized")(torch.tensor([label]), box[None], label_map[None])[0]
+            soft = pl_module.label_pooling(torch.tensor([label]), box[None], label_map[None])[0]
             top = soft.topk(min(3, len(soft)))
             shown = " ".join(f"{names[c] if names else c}:{p:.2f}" for p, c in zip(top.values.tolist(),
                                                                                   top.indices.tolist()))
-            captions.append(f"label {names[label] if names else label} / pooled {shown}")
+            captions.append(f"label {names[label] if names else label} / taught {shown}")
             pictures.append(_draw_box(original, box, self.display_height))
         width = max(p.shape[-1] for p in pictures)
         pictures = [F.pad(p, (0, width - p.shape[-1])) for p in pictures]
