@@ -6,6 +6,8 @@ Contract shared by every backbone here (and expected by heads across the zoo):
   ``out_channels: int`` and ``reduction: int``.
 * ``TimmFeatures``: ``forward(x) -> list`` of maps from several stages (``features_only``), with
   ``out_channels: list[int]`` and ``reductions: list[int]``; this is what an FPN consumes.
+* ``MLPMixer`` / ``ResMLP`` (timm's ``MlpMixer``): the tokens after the final norm, laid back on the patch grid,
+  ``(B, embed_dim, H/patch, W/patch)``, with ``reduction = patch_size``.
 
 ``pretrained`` is passed straight to ``timm.create_model`` (default ``False``: nothing is downloaded unless asked).
 Small research backbones (Conv-4/Conv-6 of the few-shot papers, WRN-28-2 of the semi-supervised ones) live in this
@@ -14,13 +16,16 @@ file too, so that every family builds on the same few definitions.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Optional, Sequence
 
 import timm
 import torch
+from timm.layers import to_2tuple
+from timm.models.mlp_mixer import Affine, MixerBlock, MlpMixer, ResBlock
 from torch import nn
 
-__all__ = ["TimmBackbone", "TimmFeatures", "ConvNet", "StridedConvFeatures"]
+__all__ = ["TimmBackbone", "TimmFeatures", "ConvNet", "StridedConvFeatures", "MLPMixer", "ResMLP"]
 
 
 class TimmBackbone(nn.Module):
@@ -281,3 +286,206 @@ class WideResNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(x)
+
+
+def _layerscale_init(depth: int) -> float:
+    """LayerScale's initial value by depth, CaiT's rule (Touvron et al. 2021, "Going deeper with image transformers")
+    that ResMLP follows (ResMLP §3.1): 0.1 up to 18 blocks, 1e-5 up to 24, 1e-6 deeper. The official ResMLP code
+    (facebookresearch/deit ``resmlp_models.py``) uses 0.1 / 1e-5 / 1e-6 for ResMLP-12 / 24 / 36."""
+    return 0.1 if depth <= 18 else 1e-5 if depth <= 24 else 1e-6
+
+
+class _TokenGrid(nn.Module):
+    """A timm ``MlpMixer`` without head whose tokens ``(B, N, C)`` after the final norm are laid back on the patch grid.
+
+    The tokens come out of ``PatchEmbed`` in row-major patch order, so ``(B, N, C) → (B, C, H/p, W/p)`` is a view (no
+    copy; the map is channels-last in memory). The zoo's ``ClassifierHead`` (GAP + linear) on this map computes
+    exactly timm's head (token mean + linear), and CAM, few-shot and semi-supervised heads get a feature map.
+    Token mixing has a fixed number of tokens, so the input must be ``img_size`` × ``img_size``.
+    """
+
+    def __init__(self, model: MlpMixer) -> None:
+        super().__init__()
+        self.model = model
+        self.img_size: tuple[int, int] = tuple(model.stem.img_size)
+        self.grid_size: tuple[int, int] = tuple(model.stem.grid_size)
+        self.out_channels: int = int(model.embed_dim)
+        self.reduction: int = int(model.stem.patch_size[0])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        height, width = x.shape[-2:]
+        if (height, width) != self.img_size:
+            raise ValueError(
+                f"{type(self).__name__} was built for {self.img_size[0]}×{self.img_size[1]} images "
+                f"({self.grid_size[0] * self.grid_size[1]} patches, and the token-mixing layers have that many inputs) "
+                f"but got {height}×{width}: resize the data to img_size or build the backbone with img_size set to "
+                "the data's size"
+            )
+        tokens = self.model.forward_features(x)  # (B, N, C), after the final norm
+        return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], *self.grid_size)
+
+    @staticmethod
+    def _registered(name: str, family: str, prefix: str) -> None:
+        architecture = name.split(".")[0]  # "mixer_b16_224.goog_in21k_ft_in1k" → its architecture
+        names = timm.list_models(f"{prefix}*")
+        if architecture not in names:
+            raise ValueError(f"{family} takes a registered timm name, one of {names}; got '{name}'")
+
+    @staticmethod
+    def _check_sizes(name: str, requested: dict, built: dict) -> None:
+        """A registered name fixes the architecture (timm's registry functions cannot take ``patch_size`` etc.: they
+        build ``dict(patch_size=..., **kwargs)`` and fail on a second value); a size given beside it must agree."""
+        differing = {key: (value, built[key]) for key, value in requested.items()
+                     if value is not None and value != built[key]}
+        if differing:
+            details = ", ".join(f"{key}={given} (the model has {actual})" for key, (given, actual) in differing.items())
+            raise ValueError(f"'{name}' fixes the architecture, but {details}: drop the custom sizes to use the "
+                             "registered model, or drop `name` to build custom sizes")
+
+
+class MLPMixer(_TokenGrid):
+    """MLP-Mixer (Tolstikhin et al., "MLP-Mixer: An all-MLP Architecture for Vision", NeurIPS 2021) as a feature-map
+    backbone, built on timm's ``MlpMixer`` / ``MixerBlock``.
+
+    Each block mixes tokens, ``X += W₂ GELU(W₁ LN(X)ᵀ)``ᵀ with ``W₁`` of shape ``(mlp_ratio[0]·d, S)`` across the ``S``
+    patches, then channels, ``X += W₄ GELU(W₃ LN(X))`` with hidden ``mlp_ratio[1]·d`` (paper §2, Eq. 1; the ratios are
+    fractions of the embedding width ``d``, not of ``S``). There is no positional embedding: the token-mixing MLP sees
+    the patches in a fixed order, so it is position-aware by itself (§2).
+
+    Two ways to build it:
+
+    * ``name``: a registered timm architecture at the paper's sizes (``mixer_s32_224``, ``mixer_b16_224``, …); only
+      ``img_size``, ``in_chans`` and ``drop_path_rate`` may change it. ``pretrained`` loads timm's weights.
+    * custom sizes (``name=None``): ``img_size`` (default 8), ``patch_size`` (2), ``num_blocks`` (4), ``embed_dim`` (64),
+      ``mlp_ratio`` (``(0.5, 4.0)``, the paper's ``D_S = d/2``, ``D_C = 4d``); the defaults are the 8×8 digits demo.
+
+    Args:
+        name: a ``timm.list_models("mixer_*")`` name, or ``None`` for custom sizes.
+        pretrained: load timm's weights for ``name`` (needs internet or the HF cache).
+        img_size: input side; the input must have exactly this size (the number of tokens is fixed).
+        in_chans: input channels.
+        patch_size, num_blocks, embed_dim, mlp_ratio: the architecture (with ``name``: omit them or give the same).
+        drop_path_rate: stochastic depth; timm applies the same rate to every block.
+
+    Example:
+        >>> net = MLPMixer(img_size=8, in_chans=1)
+        >>> net(torch.zeros(2, 1, 8, 8)).shape, net.out_channels, net.reduction
+        (torch.Size([2, 64, 4, 4]), 64, 2)
+    """
+
+    def __init__(
+        self,
+        name: Optional[str] = None,
+        pretrained: bool = False,
+        img_size: Optional[int] = None,
+        in_chans: int = 3,
+        patch_size: Optional[int] = None,
+        num_blocks: Optional[int] = None,
+        embed_dim: Optional[int] = None,
+        mlp_ratio: Optional[tuple[float, float]] = None,
+        drop_path_rate: float = 0.0,
+    ) -> None:
+        if name is None:
+            if pretrained:
+                raise ValueError("MLPMixer: pretrained weights exist only for a registered `name` (e.g. mixer_b16_224)")
+            model = MlpMixer(num_classes=0, img_size=img_size or 8, in_chans=in_chans, patch_size=patch_size or 2,
+                             num_blocks=num_blocks or 4, embed_dim=embed_dim or 64,
+                             mlp_ratio=tuple(mlp_ratio) if mlp_ratio is not None else (0.5, 4.0),
+                             block_layer=MixerBlock, drop_path_rate=drop_path_rate)
+        else:
+            self._registered(name, "MLPMixer", "mixer_")
+            extra = {} if img_size is None else {"img_size": img_size}
+            model = timm.create_model(name, pretrained=pretrained, in_chans=in_chans, num_classes=0,
+                                      drop_path_rate=drop_path_rate, **extra)
+            block = model.blocks[0]
+            dim = int(model.embed_dim)
+            hidden = (block.mlp_tokens.fc1.out_features, block.mlp_channels.fc1.out_features)
+            requested_hidden = (None if mlp_ratio is None
+                                else tuple(int(r * (embed_dim or dim)) for r in to_2tuple(tuple(mlp_ratio))))
+            self._check_sizes(name, {"patch_size": patch_size, "num_blocks": num_blocks, "embed_dim": embed_dim,
+                                     "token/channel hidden widths": requested_hidden},
+                              {"patch_size": model.stem.patch_size[0], "num_blocks": len(model.blocks),
+                               "embed_dim": dim, "token/channel hidden widths": hidden})
+        super().__init__(model)
+
+
+class ResMLP(_TokenGrid):
+    """ResMLP (Touvron et al., "ResMLP: Feedforward networks for image classification with data-efficient training",
+    2021) as a feature-map backbone, built on timm's ``MlpMixer`` with ``ResBlock`` and ``Affine``.
+
+    Each block is ``Z = X + ls₁ ⊙ (A · Aff(X)ᵀ)ᵀ`` with a single linear layer ``A`` of shape ``(S, S)`` across the
+    patches, then ``Y = Z + ls₂ ⊙ C GELU(B Aff(Z))`` with hidden ``mlp_ratio·d`` (paper §2, Eqs. 2–3). ``Aff(x) = α ⊙
+    x + β`` replaces LayerNorm (no statistics; α = 1, β = 0 at init), also as the final norm; the per-channel
+    LayerScale ``ls`` starts small, so every block starts near the identity. No positional embedding (§2).
+
+    Two ways to build it:
+
+    * ``name``: a registered timm architecture (``resmlp_12_224``, ``resmlp_24_224``, …); only ``img_size``,
+      ``in_chans``, ``drop_path_rate`` and, untrained, ``init_values`` may change it. timm starts ``resmlp_12_224``'s
+      LayerScale at 1e-4, the official code (deit ``resmlp_models.py``) ResMLP-12 at 0.1: pass ``init_values: 0.1``
+      to train it as the paper did.
+    * custom sizes (``name=None``): ``img_size`` (default 8), ``patch_size`` (2), ``num_blocks`` (4), ``embed_dim``
+      (64), ``mlp_ratio`` (4); the defaults are the 8×8 digits demo.
+
+    Args:
+        name: a ``timm.list_models("resmlp_*")`` name, or ``None`` for custom sizes.
+        pretrained: load timm's weights for ``name``.
+        img_size: input side; the input must have exactly this size.
+        in_chans: input channels.
+        patch_size, num_blocks, embed_dim, mlp_ratio: the architecture (with ``name``: omit them or give the same).
+        init_values: LayerScale's initial value; default: CaiT's depth rule (0.1 up to 18 blocks, 1e-5 up to 24, 1e-6
+            deeper) for custom sizes, timm's value for a name. Not allowed with ``pretrained`` (the weights set it).
+        drop_path_rate: stochastic depth; timm applies the same rate to every block.
+
+    Example:
+        >>> net = ResMLP(img_size=8, in_chans=1)
+        >>> net(torch.zeros(2, 1, 8, 8)).shape, net.out_channels, net.reduction
+        (torch.Size([2, 64, 4, 4]), 64, 2)
+    """
+
+    def __init__(
+        self,
+        name: Optional[str] = None,
+        pretrained: bool = False,
+        img_size: Optional[int] = None,
+        in_chans: int = 3,
+        patch_size: Optional[int] = None,
+        num_blocks: Optional[int] = None,
+        embed_dim: Optional[int] = None,
+        mlp_ratio: Optional[float] = None,
+        init_values: Optional[float] = None,
+        drop_path_rate: float = 0.0,
+    ) -> None:
+        if name is None:
+            if pretrained:
+                raise ValueError("ResMLP: pretrained weights exist only for a registered `name` (e.g. resmlp_12_224)")
+            depth = num_blocks or 4
+            layerscale = _layerscale_init(depth) if init_values is None else init_values
+            model = MlpMixer(num_classes=0, img_size=img_size or 8, in_chans=in_chans, patch_size=patch_size or 2,
+                             num_blocks=depth, embed_dim=embed_dim or 64,
+                             mlp_ratio=4.0 if mlp_ratio is None else mlp_ratio,
+                             block_layer=partial(ResBlock, init_values=layerscale), norm_layer=Affine,
+                             drop_path_rate=drop_path_rate)
+        else:
+            self._registered(name, "ResMLP", "resmlp_")
+            if pretrained and init_values is not None:
+                raise ValueError("ResMLP: init_values is an initialisation; with pretrained=True the weights set "
+                                 "LayerScale, so leave init_values unset")
+            extra = {} if img_size is None else {"img_size": img_size}
+            model = timm.create_model(name, pretrained=pretrained, in_chans=in_chans, num_classes=0,
+                                      drop_path_rate=drop_path_rate, **extra)
+            dim = int(model.embed_dim)
+            hidden = model.blocks[0].mlp_channels.fc1.out_features
+            self._check_sizes(name, {"patch_size": patch_size, "num_blocks": num_blocks, "embed_dim": embed_dim,
+                                     "channel hidden width": None if mlp_ratio is None
+                                     else int(mlp_ratio * (embed_dim or dim))},
+                              {"patch_size": model.stem.patch_size[0], "num_blocks": len(model.blocks),
+                               "embed_dim": dim, "channel hidden width": hidden})
+            if init_values is not None:
+                # LayerScale is a per-channel scale initialised to a constant (ResMLP §2); re-initialising it leaves
+                # every other weight as timm drew it.
+                with torch.no_grad():
+                    for block in model.blocks:
+                        block.ls1.fill_(init_values)
+                        block.ls2.fill_(init_values)
+        super().__init__(model)
