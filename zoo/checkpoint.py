@@ -21,7 +21,22 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import nn
 
 __all__ = ["LoadReport", "read_state_dict", "remap_keys", "load_weights", "AtomicCheckpointIO",
-           "remove_stale_temporaries"]
+           "remove_stale_temporaries", "drop_module_hyperparameters"]
+
+
+def drop_module_hyperparameters(model: nn.Module) -> None:
+    """Leave out of ``model.hparams`` every network that was passed as an object; call it after
+    ``save_hyperparameters()``.
+
+    Through the CLI a network argument (a backbone, an FPN neck) is recorded as its config (``class_path`` +
+    ``init_args``), so ``Model.load_from_checkpoint(path)`` rebuilds it with no argument. A network built in Python and
+    passed as an object would be pickled into every checkpoint instead, which ``weights_only=True`` loading (resume,
+    ``load_weights``) refuses; such a model is loaded with ``Model.load_from_checkpoint(path, backbone=...)``.
+    """
+    for store in (getattr(model, "_hparams", None), getattr(model, "_hparams_initial", None)):
+        if store is not None:
+            for key in [key for key, value in store.items() if isinstance(value, nn.Module)]:
+                del store[key]
 
 
 @dataclass

@@ -636,6 +636,8 @@ def filter_upstream_warnings() -> None:
         r".*Starting from v1\.9\.0, `tensorboardX` has been removed.*",
         r".*treespec, LeafSpec.*",
         r".*LightningCLI's args parameter is intended.*",  # the zoo passes the command line on after resolving -c
+        # networks given as objects are dropped from the hparams (zoo.checkpoint.drop_module_hyperparameters)
+        r".*is an instance of `nn.Module` and is already saved during checkpointing.*",
     ):
         warnings.filterwarnings("ignore", message=message)
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch"):

@@ -17,6 +17,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from zoo.classification.cam import class_activation_maps
 from zoo.classifier import ClassificationModule, ClassifierHead
 from zoo.contracts import feature_channels
+from zoo.checkpoint import drop_module_hyperparameters
 
 __all__ = ["ImageClassifier"]
 
@@ -38,6 +39,7 @@ class ImageClassifier(ClassificationModule):
                  label_smoothing: float = 0.0) -> None:
         super().__init__(num_classes=num_classes)
         self.save_hyperparameters()
+        drop_module_hyperparameters(self)  # networks are kept as their CLI config, never pickled
         self.backbone = backbone
         self.head = ClassifierHead(feature_channels(backbone), num_classes, dropout)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)

@@ -27,6 +27,7 @@ from zoo.detection.dense import DenseDetector
 from zoo.detection.heads import DenseHead
 from zoo.detection.losses import centerness_target
 from zoo.distributed import all_reduce_mean
+from zoo.checkpoint import drop_module_hyperparameters
 
 __all__ = ["ATSS"]
 
@@ -52,7 +53,8 @@ class ATSS(DenseDetector):
                  **kwargs: Any) -> None:
         super().__init__(neck=neck, num_classes=num_classes, anchor_scale=anchor_scale, assigner=assigner, topk=topk,
                          low_quality_matches=low_quality_matches, **kwargs)
-        self.save_hyperparameters(ignore=["neck"])
+        self.save_hyperparameters()
+        drop_module_hyperparameters(self)  # networks are kept as their CLI config, never pickled
         self.head = DenseHead(neck.out_channels, num_classes, len(neck.strides), reg_channels=4, num_convs=num_convs,
                               num_groups=num_groups, centerness=True)
         # The official box coder: deltas (dx, dy, dw, dh) weighted (10, 10, 5, 5), dw/dh clipped at log(1000/16).

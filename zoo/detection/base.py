@@ -27,6 +27,7 @@ from zoo.contracts import check_num_classes
 from zoo.detection.evaluation import DetectionMetrics
 from zoo.detection.predict import DetectionPredictionWriter
 from zoo.schedules import warmup_multistep
+from zoo.checkpoint import drop_module_hyperparameters
 
 __all__ = ["DetectionModule", "select_detections"]
 
@@ -100,7 +101,8 @@ class DetectionModule(L.LightningModule):
         voc07_metric: bool = False,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["neck", "body"])
+        self.save_hyperparameters()
+        drop_module_hyperparameters(self)  # networks are kept as their CLI config, never pickled
         self.register_buffer("image_mean", torch.tensor(image_mean, dtype=torch.float32).view(-1, 1, 1), persistent=False)
         self.register_buffer("image_std", torch.tensor(image_std, dtype=torch.float32).view(-1, 1, 1), persistent=False)
         self.val_metrics = DetectionMetrics(voc07=voc07_metric)

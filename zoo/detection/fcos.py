@@ -19,6 +19,7 @@ from torchvision.models.detection.fcos import FCOSHead
 from torchvision.models.detection.image_list import ImageList
 
 from zoo.detection.base import DetectionModule, ImageSizes
+from zoo.checkpoint import drop_module_hyperparameters
 
 __all__ = ["TorchvisionFCOS"]
 
@@ -37,7 +38,8 @@ class TorchvisionFCOS(DetectionModule):
     def __init__(self, *, neck: nn.Module, num_classes: int, num_convs: int = 4, center_sampling_radius: float = 1.5,
                  **kwargs: Any) -> None:
         super().__init__(num_classes=num_classes, **kwargs)
-        self.save_hyperparameters(ignore=["neck"])
+        self.save_hyperparameters()
+        drop_module_hyperparameters(self)  # networks are kept as their CLI config, never pickled
         hp = self.hparams
         anchors = AnchorGenerator(tuple((s,) for s in neck.strides), ((1.0,),) * len(neck.strides))
         self.model = FCOS(neck, num_classes, anchor_generator=anchors,

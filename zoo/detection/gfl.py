@@ -25,6 +25,7 @@ from zoo.detection.dense import DenseDetector
 from zoo.detection.heads import DenseHead
 from zoo.detection.losses import distribution_focal_loss, distribution_integral, quality_focal_loss
 from zoo.distributed import all_reduce_mean
+from zoo.checkpoint import drop_module_hyperparameters
 
 __all__ = ["GFL"]
 
@@ -55,7 +56,8 @@ class GFL(DenseDetector):
                  **kwargs: Any) -> None:
         super().__init__(neck=neck, num_classes=num_classes, anchor_scale=anchor_scale, assigner=assigner, topk=topk,
                          low_quality_matches=low_quality_matches, **kwargs)
-        self.save_hyperparameters(ignore=["neck"])
+        self.save_hyperparameters()
+        drop_module_hyperparameters(self)  # networks are kept as their CLI config, never pickled
         self.head = DenseHead(neck.out_channels, num_classes, len(neck.strides), reg_channels=4 * (reg_max + 1),
                               num_convs=num_convs, num_groups=num_groups, centerness=False)
 

@@ -32,6 +32,7 @@ from torchvision.ops import box_iou, ps_roi_align
 from zoo.contracts import pyramid_channels
 from zoo.detection.base import DetectionModule, ImageSizes, select_detections
 from zoo.detection.fpn import freeze_
+from zoo.checkpoint import drop_module_hyperparameters
 
 __all__ = ["PositionSensitiveHead", "ohem_select", "RFCN"]
 
@@ -120,7 +121,8 @@ class RFCN(DetectionModule):
                  rois_per_image: int = 128, freeze_bn: bool = False, frozen_prefixes: Sequence[str] = (),
                  nms_threshold: float = 0.3, **kwargs: Any) -> None:
         super().__init__(num_classes=num_classes, nms_threshold=nms_threshold, **kwargs)
-        self.save_hyperparameters(ignore=["body"])
+        self.save_hyperparameters()
+        drop_module_hyperparameters(self)  # networks are kept as their CLI config, never pickled
         channels, reductions = pyramid_channels(body)
         if len(channels) != 2 or len(set(reductions)) != 1:
             raise ValueError(f"R-FCN needs a body returning [block4, block5] at one stride (got channels {channels}, "

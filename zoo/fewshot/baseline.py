@@ -24,6 +24,7 @@ from torch.nn.utils.parametrizations import weight_norm
 
 from zoo.contracts import check_num_classes
 from zoo.fewshot.episodic import EpisodicModule, query_targets
+from zoo.checkpoint import drop_module_hyperparameters
 
 __all__ = ["CosineClassifier", "make_classifier", "finetune_classifier", "Baseline"]
 
@@ -122,6 +123,7 @@ class Baseline(EpisodicModule):
     ) -> None:
         super().__init__(backbone=backbone, feature_dim=feature_dim, lr=lr)
         self.save_hyperparameters()
+        drop_module_hyperparameters(self)  # networks are kept as their CLI config, never pickled
         self.num_classes, self.classifier_kind, self.scale = num_classes, classifier, scale
         self.classifier = make_classifier(classifier, feature_dim, num_classes, scale)
         self.finetune_epochs, self.finetune_batch_size, self.finetune_lr = finetune_epochs, finetune_batch_size, finetune_lr

@@ -25,6 +25,7 @@ from torch.func import functional_call
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from zoo.fewshot.episodic import EpisodicModule, episode_accuracy, query_targets
+from zoo.checkpoint import drop_module_hyperparameters
 
 __all__ = ["use_batch_statistics", "adapt", "MAML"]
 
@@ -87,6 +88,7 @@ class MAML(EpisodicModule):
     ) -> None:
         super().__init__(backbone=backbone, feature_dim=feature_dim, lr=lr)
         self.save_hyperparameters()
+        drop_module_hyperparameters(self)  # networks are kept as their CLI config, never pickled
         self.automatic_optimization = False
         use_batch_statistics(self.backbone)
         self.classifier = nn.Linear(feature_dim, n_way)

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from zoo.fewshot.episodic import EpisodicModule
+from zoo.checkpoint import drop_module_hyperparameters
 
 __all__ = ["SupportEncoder", "AttentionQueryEncoder", "matching_probabilities", "MatchingNet"]
 
@@ -76,6 +77,7 @@ class MatchingNet(EpisodicModule):
                  lr: float = 1e-3) -> None:
         super().__init__(backbone=backbone, feature_dim=feature_dim, lr=lr)
         self.save_hyperparameters()
+        drop_module_hyperparameters(self)  # networks are kept as their CLI config, never pickled
         self.fce, self.scale = fce, scale
         self.support_encoder = SupportEncoder(feature_dim) if fce else None
         self.query_encoder = AttentionQueryEncoder(feature_dim) if fce else None

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from zoo.fewshot.episodic import EpisodicModule
+from zoo.checkpoint import drop_module_hyperparameters
 
 __all__ = ["prototypes", "squared_euclidean_logits", "ProtoNet"]
 
@@ -43,6 +44,7 @@ class ProtoNet(EpisodicModule):
     def __init__(self, *, backbone: nn.Module, feature_dim: int, lr: float = 1e-3) -> None:
         super().__init__(backbone=backbone, feature_dim=feature_dim, lr=lr)
         self.save_hyperparameters()
+        drop_module_hyperparameters(self)  # networks are kept as their CLI config, never pickled
 
     def episode_logits(self, support: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
         support_features, query_features = self.embed_episode(support, query)

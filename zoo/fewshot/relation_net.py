@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from zoo.fewshot.episodic import EpisodicModule
+from zoo.checkpoint import drop_module_hyperparameters
 
 __all__ = ["RelationModule", "RelationNet"]
 
@@ -62,6 +63,7 @@ class RelationNet(EpisodicModule):
                  lr: float = 1e-3) -> None:
         super().__init__(backbone=backbone, feature_dim=feature_channels * feature_size * feature_size, lr=lr)
         self.save_hyperparameters()
+        drop_module_hyperparameters(self)  # networks are kept as their CLI config, never pickled
         if loss not in ("mse", "softmax"):
             raise ValueError(f"loss must be 'mse' or 'softmax', got {loss!r}")
         self.loss_type = loss

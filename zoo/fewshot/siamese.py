@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from zoo.fewshot.episodic import EpisodicModule, episode_accuracy, query_targets
+from zoo.checkpoint import drop_module_hyperparameters
 
 __all__ = ["WeightedL1Similarity", "SiameseNet"]
 
@@ -45,6 +46,7 @@ class SiameseNet(EpisodicModule):
     def __init__(self, *, backbone: nn.Module, feature_dim: int, lr: float = 1e-3) -> None:
         super().__init__(backbone=backbone, feature_dim=feature_dim, lr=lr)
         self.save_hyperparameters()
+        drop_module_hyperparameters(self)  # networks are kept as their CLI config, never pickled
         self.similarity = WeightedL1Similarity(feature_dim)
 
     def pair_logits(self, support: torch.Tensor, query: torch.Tensor) -> torch.Tensor:

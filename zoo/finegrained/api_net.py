@@ -26,6 +26,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from zoo.classifier import ClassificationModule
 from zoo.contracts import feature_channels
+from zoo.checkpoint import drop_module_hyperparameters
 
 __all__ = ["mine_pairs", "PairInteraction", "PairOutputs", "api_net_loss", "APINet"]
 
@@ -151,6 +152,7 @@ class APINet(ClassificationModule):
     ) -> None:
         super().__init__(num_classes=num_classes)
         self.save_hyperparameters()
+        drop_module_hyperparameters(self)  # networks are kept as their CLI config, never pickled
         self.backbone = backbone
         dim = feature_channels(backbone)
         self.interaction = PairInteraction(dim, hidden, dropout)

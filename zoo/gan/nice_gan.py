@@ -27,6 +27,7 @@ from torch import nn
 
 from zoo.gan.base import UnpairedTranslationModule
 from zoo.gan.layers import check_patch_depth, instance_and_layer_norm, lsgan_d_loss, lsgan_g_loss, spectral_norm
+from zoo.checkpoint import drop_module_hyperparameters
 
 __all__ = ["SoftAdaLIN", "SoftLIN", "NICEDiscriminator", "NICEGenerator", "NICEGAN"]
 
@@ -195,6 +196,7 @@ class NICEGAN(UnpairedTranslationModule):
         super().__init__(lr=lr, betas=tuple(betas), weight_decay=weight_decay, decay_lr=decay_lr,
                          total_iterations=total_iterations)
         self.save_hyperparameters()
+        drop_module_hyperparameters(self)  # networks are kept as their CLI config, never pickled
         check_patch_depth(img_size, n_layers - 4 + global_extra,
                           f"the global head (n_layers={n_layers}, global_extra={global_extra})")
         self.dis_a, self.dis_b = self.build_discriminator(), self.build_discriminator()

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from zoo.gan.base import UnpairedTranslationModule
+from zoo.checkpoint import drop_module_hyperparameters
 from zoo.gan.layers import (ILN, AdaILN, ClassActivationAttention, check_patch_depth, clip_rho_, lsgan_d_loss,
                             lsgan_g_loss, spectral_norm)
 
@@ -176,6 +177,7 @@ class UGATIT(UnpairedTranslationModule):
         super().__init__(lr=lr, betas=tuple(betas), weight_decay=weight_decay, decay_lr=decay_lr,
                          total_iterations=total_iterations)
         self.save_hyperparameters()
+        drop_module_hyperparameters(self)  # networks are kept as their CLI config, never pickled
         check_patch_depth(img_size, global_layers - 2, f"the global discriminator (global_layers={global_layers})")
         check_patch_depth(img_size, local_layers - 2, f"the local discriminator (local_layers={local_layers})")
         self.gen_a2b, self.gen_b2a = self.build_generator(), self.build_generator()

@@ -40,6 +40,7 @@ from zoo.distributed import gather_by_index
 from zoo.reid.callbacks import log_cmc
 from zoo.reid.evaluation import rank_lists, reid_metrics
 from zoo.reid.predict import RankListWriter
+from zoo.checkpoint import drop_module_hyperparameters
 
 __all__ = ["ExemplarMemory", "neighbourhood_targets", "invariance_loss", "EmbeddingHead", "ECN"]
 
@@ -186,7 +187,8 @@ class ECN(L.LightningModule):
         eval_feature: str = "pool5",
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["backbone"])
+        self.save_hyperparameters()
+        drop_module_hyperparameters(self)  # networks are kept as their CLI config, never pickled
         if frozen_bn not in ("official", "all", "none"):
             raise ValueError(f"frozen_bn must be 'official', 'all' or 'none', got {frozen_bn!r}")
         if eval_feature not in ("pool5", "embedding"):

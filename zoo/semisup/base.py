@@ -22,6 +22,7 @@ from torch import nn
 from zoo.classifier import ClassificationModule, Classifier
 from zoo.ema import EMATeacher
 from zoo.schedules import warmup_cosine
+from zoo.checkpoint import drop_module_hyperparameters
 
 __all__ = ["SemiSupervisedClassifier"]
 
@@ -64,7 +65,8 @@ class SemiSupervisedClassifier(ClassificationModule):
         ema_decay: Optional[float] = None,
     ) -> None:
         super().__init__(num_classes=num_classes)
-        self.save_hyperparameters(ignore=["backbone"])
+        self.save_hyperparameters()
+        drop_module_hyperparameters(self)  # networks are kept as their CLI config, never pickled
         self.network = Classifier(backbone, num_classes, dropout)
         self.ema = EMATeacher(self.network, ema_decay, ramp=False) if ema_decay is not None else None
 

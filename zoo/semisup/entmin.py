@@ -16,6 +16,7 @@ from torch import nn
 from zoo.semisup.base import SemiSupervisedClassifier
 from zoo.schedules import linear_rampup
 from zoo.semisup.losses import entropy
+from zoo.checkpoint import drop_module_hyperparameters
 
 __all__ = ["EntropyMinimization"]
 
@@ -35,7 +36,8 @@ class EntropyMinimization(SemiSupervisedClassifier):
     def __init__(self, *, backbone: nn.Module, num_classes: int, entropy_weight: float = 1.0, rampup: float = 0.2,
                  **kwargs: Any) -> None:
         super().__init__(backbone=backbone, num_classes=num_classes, **kwargs)
-        self.save_hyperparameters(ignore=["backbone"])
+        self.save_hyperparameters()
+        drop_module_hyperparameters(self)  # networks are kept as their CLI config, never pickled
 
     def unlabeled_loss(self, logits: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
         ramp = linear_rampup(self.training_progress(), self.hparams.rampup)

@@ -29,6 +29,7 @@ from zoo.classifier import ClassificationModule, Classifier
 from zoo.ema import EMATeacher
 from zoo.schedules import linear_rampup, warmup_cosine
 from zoo.semisup.losses import sharpened_consistency
+from zoo.checkpoint import drop_module_hyperparameters
 
 __all__ = ["batch_norm_stats_frozen", "mpl_coefficient", "MetaPseudoLabels"]
 
@@ -140,7 +141,8 @@ class MetaPseudoLabels(ClassificationModule):
         gradient_clip_val: Optional[float] = None,
     ) -> None:
         super().__init__(num_classes=num_classes)
-        self.save_hyperparameters(ignore=["backbone", "student_backbone"])
+        self.save_hyperparameters()
+        drop_module_hyperparameters(self)  # networks are kept as their CLI config, never pickled
         mpl_coefficient(torch.zeros(()), torch.zeros(()), mpl_sign)  # a wrong sign name fails at construction
         self.automatic_optimization = False
         self.teacher = Classifier(backbone, num_classes, dropout)

@@ -15,6 +15,7 @@ from torch import nn
 
 from zoo.semisup.base import SemiSupervisedClassifier
 from zoo.semisup.losses import TSASchedule, entropy, sharpened_consistency, tsa_cross_entropy, tsa_threshold
+from zoo.checkpoint import drop_module_hyperparameters
 
 __all__ = ["UDA"]
 
@@ -46,7 +47,8 @@ class UDA(SemiSupervisedClassifier):
         **kwargs: Any,
     ) -> None:
         super().__init__(backbone=backbone, num_classes=num_classes, **kwargs)
-        self.save_hyperparameters(ignore=["backbone"])
+        self.save_hyperparameters()
+        drop_module_hyperparameters(self)  # networks are kept as their CLI config, never pickled
         tsa_threshold(0.0, num_classes, tsa)  # a wrong schedule name fails here, not at the first step
 
     def supervised_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
