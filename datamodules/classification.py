@@ -6,6 +6,7 @@ of one's own images (``predict_dir``) through each datamodule's evaluation trans
 
 from __future__ import annotations
 
+import csv
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -397,8 +398,6 @@ class EitherLabelDataset(torch.utils.data.Dataset):
     relative to its folder (the whole test canvases of the ReLabel digits)."""
 
     def __init__(self, csv_path: str | Path, transform: Callable, image_mode: str = "L") -> None:
-        import csv  # noqa: PLC0415
-
         self.root, self.transform, self.image_mode = Path(csv_path).parent, transform, image_mode
         with open(csv_path, newline="") as f:
             rows = list(csv.reader(f))[1:]

@@ -4,7 +4,7 @@ import pytest
 import torch
 from timm.models.mlp_mixer import Affine, MixerBlock, MlpMixer, ResBlock
 
-from conftest import ROOT, quiet_args, results_from_stdout, run_zoo
+from conftest import ROOT, quiet_args, results_from_stdout, run_zoo, write_image_folder
 from zoo.backbones import MLPMixer, ResMLP
 from zoo.classification.classifier import ImageClassifier
 from zoo.classifier import Classifier
@@ -197,11 +197,25 @@ def test_class_activation_maps_on_the_patch_grid_average_to_the_logits(backbone_
     torch.testing.assert_close(cams.mean((2, 3)) + model.head.fc.bias, logits)  # CAM's identity (Zhou et al., Eq. 2)
 
 
-def test_mixer_digits_config_fast_dev_run(tmp_path):
+@pytest.mark.parametrize("config, backbone_class", [("mixer_digits", MLPMixer), ("resmlp_digits", ResMLP)])
+def test_digits_configs_fast_dev_run(config, backbone_class, tmp_path):
     cli = ZooCLI(args=["fit", *quiet_args(tmp_path, "--trainer.fast_dev_run=true",
-                                          config=CONFIGS / "mixer_digits.yaml")])
+                                          config=CONFIGS / f"{config}.yaml")])
     assert cli.trainer.global_step == 1
-    assert isinstance(cli.model.backbone, MLPMixer)
+    assert isinstance(cli.model.backbone, backbone_class)
+
+
+@pytest.mark.parametrize("config", ["mixer_b16_imagefolder", "resmlp_12_imagefolder"])
+def test_paper_size_configs_fast_dev_run_on_an_image_folder(config, tmp_path):
+    # The papers' architectures at a 64 px input (a registered name takes img_size), on a 10-class folder fixture.
+    write_image_folder(tmp_path / "data", classes=[f"c{i}" for i in range(10)], per_class=2)
+    cli = ZooCLI(args=["fit", *quiet_args(tmp_path / "run", "--trainer.fast_dev_run=true",
+                                          f"--data.init_args.root={tmp_path / 'data'}", "--data.init_args.image_size=64",
+                                          "--model.init_args.backbone.init_args.img_size=64",
+                                          "--model.init_args.num_classes=10", "--data.init_args.num_workers=0",
+                                          "--data.init_args.batch_size=2", "--trainer.precision=32-true",
+                                          config=CONFIGS / f"{config}.yaml")])
+    assert cli.trainer.global_step == 1 and cli.model.backbone.img_size == (64, 64)
 
 
 @pytest.mark.parametrize("config, backbone_class, channels, reduction, optimizer, peak_lr, warmup_epochs", [
@@ -235,7 +249,8 @@ def test_the_backbone_docstring_examples_hold():
 
     import zoo.backbones
 
-    assert doctest.testmod(zoo.backbones).failed == 0
+    result = doctest.testmod(zoo.backbones)
+    assert result.failed == 0 and result.attempted >= 6  # the examples of TimmBackbone, MLPMixer and ResMLP ran
 
 
 @pytest.mark.slow

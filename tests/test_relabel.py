@@ -312,3 +312,15 @@ def test_cutmix_is_off_in_the_last_cutmix_off_epochs():
         model._trainer = SimpleNamespace(max_epochs=5, current_epoch=epoch)
         used.append(model.use_cutmix())
     assert used == [True, True, True, False, False]
+
+
+def test_imagenet_config_fast_dev_run_on_the_imagenet_layout(tmp_path):
+    # The official recipe's config on a 2-class ImageNet-layout fixture with its label maps (ResNet-50 at 32 px).
+    root, maps = write_imagenet_like(tmp_path / "imagenet")
+    cli = ZooCLI(args=["fit", *quiet_args(tmp_path / "run", "--trainer.fast_dev_run=true",
+                                          f"--data.init_args.root={root}", f"--data.init_args.label_maps={maps}",
+                                          "--data.init_args.image_size=32", "--data.init_args.batch_size=2",
+                                          "--data.init_args.num_workers=0", "--data.init_args.pin_memory=false",
+                                          "--model.init_args.num_classes=2", "--trainer.precision=32-true",
+                                          config=ROOT / "configs" / "classification" / "relabel_resnet50_imagenet.yaml")])
+    assert cli.trainer.global_step == 1 and cli.model.label_pooling.label_mode == "localized"

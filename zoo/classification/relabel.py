@@ -51,6 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import roi_align
+from torchvision.utils import draw_bounding_boxes
 
 from zoo.callbacks import ImageLogger, log_images
 from zoo.classification.classifier import ImageClassifier
@@ -134,9 +135,9 @@ class LabelPooling(nn.Module):
 
 
 def soft_target_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """``mean_b Σ_c −y_bc · log softmax(x_b)_c`` (the official ``SoftTargetCrossEntropy``); equals
-    ``F.cross_entropy`` for one-hot targets."""
-    return -(targets * F.log_softmax(logits.float(), dim=-1)).sum(dim=-1).mean()
+    """``mean_b Σ_c −y_bc · log softmax(x_b)_c`` (the official ``SoftTargetCrossEntropy``): ``F.cross_entropy`` with
+    class probabilities as the target, in float32."""
+    return F.cross_entropy(logits.float(), targets.float())
 
 
 def cutmix(images: torch.Tensor, targets: torch.Tensor, alpha: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -267,14 +268,11 @@ def _draw_box(image: torch.Tensor, box: torch.Tensor, height: int) -> torch.Tens
     """``image`` (C, H, W) in [0, 1] as RGB, upscaled to ``height`` rows, with the box (fractions) outlined in red."""
     rgb = image.expand(3, -1, -1) if image.shape[0] == 1 else image[:3]
     scale = max(1, height // rgb.shape[-2])
-    rgb = F.interpolate(rgb[None].float(), scale_factor=scale, mode="nearest")[0].clone()
+    rgb = F.interpolate(rgb[None].float(), scale_factor=scale, mode="nearest")[0]
     h, w = rgb.shape[-2:]
-    x1, y1 = int(box[0] * w), int(box[1] * h)
-    x2, y2 = max(int(box[2] * w) - 1, x1), max(int(box[3] * h) - 1, y1)
-    red = torch.tensor([1.0, 0.0, 0.0])[:, None]
-    rgb[:, y1, x1:x2 + 1] = rgb[:, y2, x1:x2 + 1] = red
-    rgb[:, y1:y2 + 1, x1] = rgb[:, y1:y2 + 1, x2] = red
-    return rgb
+    pixels = (box * box.new_tensor([w, h, w, h])).round()[None]
+    drawn = draw_bounding_boxes((rgb * 255).round().to(torch.uint8), pixels, colors="red", width=1)
+    return drawn.float() / 255
 
 
 class EitherLabelAccuracy(L.Callback):
