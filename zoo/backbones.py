@@ -25,7 +25,7 @@ from timm.layers import to_2tuple
 from timm.models.mlp_mixer import Affine, MixerBlock, MlpMixer, ResBlock
 from torch import nn
 
-__all__ = ["TimmBackbone", "TimmFeatures", "ConvNet", "StridedConvFeatures", "MLPMixer", "ResMLP"]
+__all__ = ["TimmBackbone", "TimmFeatures", "ConvNet", "StridedConvFeatures", "MLPMixer", "ResMLP", "MLP", "CifarResNet"]
 
 
 class TimmBackbone(nn.Module):
@@ -281,6 +281,76 @@ class WideResNet(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="leaky_relu")
+        self.out_channels: int = channels
+        self.reduction: int = 4
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+
+class MLP(nn.Module):
+    """A fully connected network on flattened images, as a feature-map backbone: ``(B, C, H, W) → (B, width, 1, 1)``.
+
+    The class-incremental MNIST/digits networks of the continual-learning literature are such MLPs (FACIL's ``MLP``
+    with ``--network mlp``; two hidden layers of 100 in the ANCL spec's digits default). Linear → ReLU per layer,
+    optionally BatchNorm1d before the ReLU.
+
+    Args:
+        in_features: ``C·H·W`` of the input images (64 for 8 × 8 grey digits).
+        widths: output width of each hidden layer; the last is ``out_channels``.
+        batch_norm: BatchNorm1d after each linear layer.
+    """
+
+    def __init__(self, in_features: int = 64, widths: Sequence[int] = (100, 100), batch_norm: bool = False) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [nn.Flatten()]
+        features = in_features
+        for width in widths:
+            layers += [nn.Linear(features, width), *([nn.BatchNorm1d(width)] if batch_norm else []), nn.ReLU(inplace=True)]
+            features = width
+        self.layers = nn.Sequential(*layers)
+        self.in_features = in_features
+        self.out_channels: int = features
+        self.reduction: int = 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x[0].numel() != self.in_features:
+            raise ValueError(f"MLP expects images of {self.in_features} values (C·H·W), got {tuple(x.shape[1:])}")
+        return self.layers(x)[:, :, None, None]
+
+
+class CifarResNet(nn.Module):
+    """The CIFAR ResNet of He et al. 2016 (§4.2): a 3 × 3 stem of 16 channels, three stages of ``n`` basic blocks with
+    16, 32, 64 channels and strides 1, 2, 2; depth ``6n + 2``. ResNet-32 (``n = 5``, 0.46 M parameters) is the network
+    of FACIL and ANCL's CIFAR-100 experiments (``src/networks/resnet32.py``: torchvision-style ``BasicBlock`` with a
+    1 × 1 conv + BN projection where the shape changes). Returns the ``(B, 64, H/4, W/4)`` map.
+
+    Args:
+        depth: ``6n + 2`` (20, 32, 44, 56, 110).
+        in_chans: input channels.
+    """
+
+    def __init__(self, depth: int = 32, in_chans: int = 3) -> None:
+        super().__init__()
+        from torchvision.models.resnet import BasicBlock
+
+        if (depth - 2) % 6:
+            raise ValueError(f"CifarResNet depth must be 6n + 2, got {depth}")
+        blocks = (depth - 2) // 6
+        layers: list[nn.Module] = [nn.Conv2d(in_chans, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU(inplace=True)]
+        channels = 16
+        for width, stride in zip((16, 32, 64), (1, 2, 2)):
+            for i in range(blocks):
+                step = stride if i == 0 else 1
+                projection = None
+                if step != 1 or channels != width:
+                    projection = nn.Sequential(nn.Conv2d(channels, width, 1, step, bias=False), nn.BatchNorm2d(width))
+                layers.append(BasicBlock(channels, width, step, projection))
+                channels = width
+        self.features = nn.Sequential(*layers)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
         self.out_channels: int = channels
         self.reduction: int = 4
 

@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-__all__ = ["ema_momentum", "EMATeacher"]
+__all__ = ["ema_momentum", "frozen_copy", "EMATeacher"]
 
 
 def ema_momentum(update: int, momentum: float, ramp: bool) -> float:
@@ -39,6 +39,20 @@ def ema_momentum(update: int, momentum: float, ramp: bool) -> float:
     if update == 0:
         return 0.0
     return min(momentum, 1.0 - 1.0 / (update + 1)) if ramp else momentum
+
+
+def frozen_copy(module: nn.Module) -> nn.Module:
+    """A deep copy of ``module`` whose parameters are buffers under the same names: it cannot be trained (no
+    gradient, in no optimiser built from ``parameters()``), yet it moves with ``.to``, is saved in ``state_dict``
+    (keys equal to ``module``'s, so ``load_state_dict`` copies weights either way) and is broadcast by DDP with the
+    other buffers. EMA teachers, and continual learning's previous and auxiliary networks, are such copies."""
+    copied = copy.deepcopy(module)
+    for submodule in copied.modules():
+        for name, parameter in list(submodule._parameters.items()):
+            if parameter is not None:
+                del submodule._parameters[name]
+                submodule.register_buffer(name, parameter.detach().clone())
+    return copied
 
 
 class EMATeacher(nn.Module):
@@ -62,15 +76,10 @@ class EMATeacher(nn.Module):
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"EMA momentum must be in [0, 1), got {momentum}")
         self.momentum, self.ramp, self.include_buffers = momentum, ramp, include_buffers
-        self.module = copy.deepcopy(student)
+        self.module = frozen_copy(student)
         # Same names as the student's, in the student's order: update() pairs them by position.
         self._weight_names = [name for name, _ in student.named_parameters()]
         self._buffer_names = [name for name, _ in student.named_buffers()]
-        for submodule in self.module.modules():
-            for name, parameter in list(submodule._parameters.items()):
-                if parameter is not None:
-                    del submodule._parameters[name]
-                    submodule.register_buffer(name, parameter.detach().clone())
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
 
     def forward(self, *args, **kwargs):

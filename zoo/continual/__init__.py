@@ -1,0 +1,1 @@
+"""Continual learning: class-incremental task sequences (FACIL's protocol), LwF, EWC and ANCL."""
