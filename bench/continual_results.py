@@ -63,10 +63,14 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["finetune", "joint", "lwf", "a_lwf", "ewc", "a_ewc"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--out", default="continual_results.jsonl")
+    parser.add_argument("--summary-only", action="store_true", help="only print the table of the rows in --out")
     parser.add_argument("extra", nargs="*", help="CLI overrides passed to every run (after --)")
     args = parser.parse_args()
     rows = []
-    for method in args.methods:
+    if args.summary_only:
+        rows = [json.loads(line) for line in Path(args.out).read_text().splitlines() if line.strip()]
+        args.methods = [m for m in args.methods if any(r["method"] == m for r in rows)]
+    for method in args.methods if not args.summary_only else []:
         for seed in args.seeds:
             row = run(method, seed, args.extra)
             rows.append(row)

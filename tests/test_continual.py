@@ -398,3 +398,45 @@ def test_two_process_ddp_gives_the_matrices_of_one_process(tmp_path):
         # the same up to float summation order in the gradient all-reduce: at most one test image apart
         assert torch.allclose(one, two, atol=1.01 / 71), (kind, one, two)
         assert (one == two).float().mean() > 0.8, (kind, one, two)
+
+
+CONFIGS = sorted((ROOT / "configs" / "continual").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
+def test_every_continual_config_runs_a_step_through_the_cli(config, tmp_path):
+    from test_continual_data import write_cifar100
+
+    extra = []
+    if "cifar100" in config.stem:
+        root = tmp_path / "cifar"
+        write_cifar100(root)
+        extra = [f"--data.init_args.root={root}", "--data.init_args.num_workers=0", "--trainer.precision=32",
+                 "--trainer.accelerator=cpu", "--data.init_args.batch_size=4"]
+    cli = ZooCLI(args=["-c", str(config), f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=false",
+                       "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
+                       "--test_after_fit=false", "--trainer.fast_dev_run=true", *extra], run=False)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert cli.trainer.global_step == 1
+    assert list(cli.datamodule.task_classes) == cli.model.task_classes
+
+
+def test_fix_bn_freezes_the_batch_norm_statistics_from_the_second_task_on(tmp_path):
+    cli = _cli(A_LWF.parent / "finetune_digits.yaml", tmp_path, "--model.init_args.backbone.init_args.batch_norm=true",
+               "--model.init_args.fix_bn=true")
+    stats = {}
+
+    class Snapshot(Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            stats[trainer.current_epoch] = pl_module.net.backbone.layers[2].running_mean.clone()
+
+    cli.trainer.callbacks.append(Snapshot())
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert not torch.equal(stats[0], stats[1])  # task 0 trains them
+    assert all(torch.equal(stats[1], stats[e]) for e in (2, 3, 4))  # frozen from task 1 on
+
+
+def test_a_model_built_for_another_task_split_fails_naming_the_split(tmp_path):
+    cli = _cli(A_LWF, tmp_path, "--model.init_args.task_classes=[5,5]")
+    with pytest.raises(ValueError, match=r"task_classes is \[5, 5\] but the data splits its classes as \[2, 2, 2, 2, 2\]"):
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)

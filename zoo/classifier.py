@@ -237,7 +237,8 @@ class ClassificationPredictionWriter(PredictionWriter):
     def finish(self, rows: list[_Prediction], folder: Path, trainer: "L.Trainer",
                pl_module: "L.LightningModule") -> list[Path]:
         rows = sorted(rows, key=lambda row: (row.loader, row.index))
-        num_classes = int(pl_module.test_confusion.num_classes)
+        confusion = getattr(pl_module, "test_confusion", None)  # a ClassificationModule; else the model says
+        num_classes = int(confusion.num_classes if confusion is not None else pl_module.num_classes)
         names = class_names_of(trainer, num_classes)
         loaders = trainer.predict_dataloaders
         loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]

@@ -638,6 +638,8 @@ def filter_upstream_warnings() -> None:
         r".*LightningCLI's args parameter is intended.*",  # the zoo passes the command line on after resolving -c
         # networks given as objects are dropped from the hparams (zoo.checkpoint.drop_module_hyperparameters)
         r".*is an instance of `nn.Module` and is already saved during checkpointing.*",
+        # frozen networks (EMA teachers, continual learning's previous and auxiliary networks) stay in eval mode
+        r".*module\(s\) in eval mode at the start of training.*",
     ):
         warnings.filterwarnings("ignore", message=message)
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch"):

@@ -310,6 +310,10 @@ class IncrementalLearner(L.LightningModule):
     # ---- the schedule --------------------------------------------------------------------------------------------
 
     @property
+    def num_classes(self) -> int:
+        return sum(self.task_classes)
+
+    @property
     def total_epochs(self) -> int:
         return len(self.phases) * self.hparams.epochs_per_task
 
@@ -365,7 +369,7 @@ class IncrementalLearner(L.LightningModule):
         if stage != "fit":
             return
         self.trainer.reload_dataloaders_every_n_epochs = 1  # every phase has its own data
-        if self.trainer.max_epochs != self.total_epochs:
+        if self.trainer.max_epochs != self.total_epochs and not self.trainer.fast_dev_run:
             if self.trainer.max_epochs not in (None, -1, 1000):
                 warnings.warn(f"trainer.max_epochs {self.trainer.max_epochs} replaced by the task schedule's "
                               f"{self.total_epochs} ({len(self.phases)} phases × {self.hparams.epochs_per_task} "

@@ -22,16 +22,16 @@ def distillation_cross_entropy(student_logits: torch.Tensor, teacher_logits: tor
     """FACIL's ``LwF.cross_entropy(outputs, targets, exp=1/T)``: the batch mean of ``−Σ_c q_c log p_c`` with
     ``p ∝ softmax(student)^{1/T}`` (then ``+ eps/C``, renormalised) and ``q ∝ softmax(teacher)^{1/T}``.
 
+    ``softmax(x)^{1/T}`` renormalised is exactly ``softmax(x / T)``, which is how it is computed here: FACIL's
+    ``pow(1/T)`` of a probability that underflowed to 0 has an infinite gradient, and a run whose logits grow apart
+    (seed 1 of the digits LwF run did, at task 1) then turns its weights into NaN.
+
     >>> round(float(distillation_cross_entropy(torch.zeros(1, 4), torch.zeros(1, 4))), 4)  # uniform: log 4
     1.3863
     """
-    exponent = 1.0 / temperature
-    student = torch.softmax(student_logits.float(), dim=1).pow(exponent)
-    student = student / student.sum(1, keepdim=True)
-    teacher = torch.softmax(teacher_logits.float(), dim=1).pow(exponent)
-    teacher = teacher / teacher.sum(1, keepdim=True)
-    student = student + eps / student.shape[1]
-    student = student / student.sum(1, keepdim=True)
+    student = torch.softmax(student_logits.float() / temperature, dim=1)
+    teacher = torch.softmax(teacher_logits.float() / temperature, dim=1)
+    student = (student + eps / student.shape[1]) / (1 + eps)  # FACIL's "+ eps/C, renormalised"
     return -(teacher * student.log()).sum(1).mean()
 
 
