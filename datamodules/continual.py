@@ -487,10 +487,11 @@ class CIFAR100ClassIncrementalDataModule(ClassIncrementalDataModule):
     ``download: true``). Validation is a seeded ``val_fraction`` of every class's training images (FACIL's
     ``get_loaders(validation=.1)``, which rounds per class); the test split is the official test set.
 
-    Transforms: training pads 4, crops 32 at random and flips horizontally, then normalises with FACIL's CIFAR-100
-    statistics; evaluation only normalises. Note: FACIL's ``get_transforms`` (and ANCL's fork of it) applies
-    ``Pad(4)`` then ``RandomResizedCrop(32)`` (scale 0.08–1) for training and ``Pad(4)`` + ``CenterCrop(32)`` (the
-    identity) for evaluation; the padded ``RandomCrop(32)`` here is the usual CIFAR augmentation, a lighter one.
+    Transforms: training pads 4, crops 32 at random and flips horizontally (``augment: true``, the usual CIFAR
+    augmentation), or, with ``augment: facil``, what FACIL's ``get_transforms`` (and ANCL's fork of it) applies:
+    ``Pad(4)`` then ``RandomResizedCrop(32)`` (scale 0.08–1, a much stronger crop) and the flip. Then both normalise
+    with FACIL's CIFAR-100 statistics; evaluation only normalises (FACIL's ``Pad(4)`` + ``CenterCrop(32)`` is the
+    identity).
 
     Args:
         root: folder holding ``cifar-100-python/``.
@@ -501,7 +502,8 @@ class CIFAR100ClassIncrementalDataModule(ClassIncrementalDataModule):
             with a private ``RandomState``).
         val_fraction: share of each class's training images held out for validation.
         split_seed: seed of that hold-out.
-        augment: the random crop and flip of the training images.
+        augment: ``true`` (padded random crop + flip), ``"facil"`` (FACIL's pad + random-resized crop + flip) or
+            ``false``.
         batch_size, eval_batch_size, num_workers, pin_memory, predict_dir: see ``ZooDataModule``.
     """
 
@@ -512,7 +514,7 @@ class CIFAR100ClassIncrementalDataModule(ClassIncrementalDataModule):
                  first_task_classes: Optional[int] = None,
                  class_order: Union[Literal["icarl", "natural"], list[int]] = "icarl",
                  class_order_seed: Optional[int] = None, shuffle_seed: Optional[int] = None, val_fraction: float = 0.1, split_seed: int = 0,
-                 augment: bool = True, batch_size: int = 128, eval_batch_size: Optional[int] = None,
+                 augment: Union[bool, Literal["facil"]] = True, batch_size: int = 128, eval_batch_size: Optional[int] = None,
                  num_workers: int = 4, pin_memory: bool = True, predict_dir: Optional[str] = None) -> None:
         super().__init__(num_tasks=num_tasks, first_task_classes=first_task_classes,
                          class_order_seed=class_order_seed, shuffle_seed=shuffle_seed, batch_size=batch_size, eval_batch_size=eval_batch_size,
@@ -521,6 +523,8 @@ class CIFAR100ClassIncrementalDataModule(ClassIncrementalDataModule):
             raise ValueError(f"class_order must be 'icarl', 'natural' or a list of the 100 class ids, got {class_order!r}")
         self.root, self.download = Path(root), download
         self.given_class_order = class_order
+        if augment not in (True, False, "facil"):
+            raise ValueError(f"augment must be true, false or 'facil', got {augment!r}")
         self.val_fraction, self.split_seed, self.augment = val_fraction, split_seed, augment
         self._names: Optional[list[str]] = None
         _ = self.layout  # a wrong num_tasks or class_order fails here, not at the first loader
@@ -566,7 +570,12 @@ class CIFAR100ClassIncrementalDataModule(ClassIncrementalDataModule):
         return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(self.mean, self.std)]
 
     def train_transform(self) -> Callable:
-        augment = [v2.RandomCrop(32, padding=4), v2.RandomHorizontalFlip()] if self.augment else []
+        if self.augment == "facil":
+            augment = [v2.Pad(4), v2.RandomResizedCrop(32, antialias=True), v2.RandomHorizontalFlip()]
+        elif self.augment:
+            augment = [v2.RandomCrop(32, padding=4), v2.RandomHorizontalFlip()]
+        else:
+            augment = []
         return v2.Compose([v2.ToImage(), *augment, *self._to_float()])
 
     def eval_transform(self) -> Callable:

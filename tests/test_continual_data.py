@@ -388,3 +388,16 @@ def test_lightning_rebuilds_the_loaders_each_epoch_from_the_modules_request(tmp_
     trainer.fit(module, datamodule=data)
     assert module.train_labels == {0: {0, 1}, 1: {0, 2, 3}, 2: {0, 4, 5}}
     assert module.val_loaders == {0: {0}, 1: {0, 1}, 2: {0, 1, 2}}
+
+
+def test_cifar_facil_augmentation_is_pad_then_random_resized_crop(tmp_path):
+    from torchvision.transforms import v2 as transforms
+
+    facil = CIFAR100ClassIncrementalDataModule(root=str(tmp_path), augment="facil").train_transform()
+    kinds = [type(t) for t in facil.transforms]
+    assert kinds.index(transforms.Pad) < kinds.index(transforms.RandomResizedCrop)
+    assert facil(torch.zeros(3, 32, 32, dtype=torch.uint8)).shape == (3, 32, 32)
+    plain = CIFAR100ClassIncrementalDataModule(root=str(tmp_path)).train_transform()
+    assert transforms.RandomCrop in [type(t) for t in plain.transforms]
+    with pytest.raises(ValueError, match="augment"):
+        CIFAR100ClassIncrementalDataModule(root=str(tmp_path), augment="strong")
