@@ -458,3 +458,13 @@ def test_the_documented_orderings_hold_on_seed_0(tmp_path):
     assert summary["joint"]["avg"] > 0.9 > summary["lwf"]["avg"] + 0.3, summary
     assert summary["lwf"]["avg"] >= summary["finetune"]["avg"] - 0.085, summary
     assert summary["a_lwf"]["new"] >= summary["lwf"]["new"] - 0.02, summary
+
+
+def test_the_last_matrix_row_is_what_zoo_test_measures_in_mixed_precision(tmp_path):
+    # the case where an fp32 row differed from the bf16 test before the row ran under the run's precision
+    cli = _cli(A_EWC, tmp_path, "--trainer.precision=bf16-mixed", "--model.init_args.exemplar_budget=20")
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    results = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
+    tested = {k: v for row in results for k, v in row.items()}
+    row = cli.model.accuracy_matrix("tag")[-1]
+    assert [tested[f"test/task_{u}/acc_tag"] for u in range(5)] == pytest.approx(row.tolist(), abs=1e-6)

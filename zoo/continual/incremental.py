@@ -593,10 +593,13 @@ class IncrementalLearner(L.LightningModule):
         datamodule = self._datamodule()
         self.net.eval()
         self.row_accuracy.reset()
-        for u in range(task + 1):
-            for batch in datamodule.eval_loader(datamodule.task_set("test", u)):
-                images, labels = batch[0].to(self.device), batch[1].to(self.device)
-                self.row_accuracy.update(self._seen_logits(images, task + 1), labels, u)
+        # the run's precision (autocast under *-mixed), as in `zoo test`, so that the row and a test of the same
+        # weights agree
+        with self.trainer.precision_plugin.forward_context():
+            for u in range(task + 1):
+                for batch in datamodule.eval_loader(datamodule.task_set("test", u)):
+                    images, labels = batch[0].to(self.device), batch[1].to(self.device)
+                    self.row_accuracy.update(self._seen_logits(images, task + 1), labels, u)
         acc_taw, acc_tag, _ = self.row_accuracy.compute()  # sums every rank's counts
         self.row_accuracy.reset()
         self.acc_taw[task, : task + 1] = acc_taw[: task + 1].to(self.acc_taw)
