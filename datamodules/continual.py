@@ -239,7 +239,7 @@ class ClassIncrementalDataModule(ZooDataModule):
 
     def _class_names_by_id(self) -> list[str]:
         """Names of the dataset's original class ids ``0 .. K-1`` (their number is the number of classes)."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must define _class_names_by_id (a source of the base class)")
 
     def _base_class_order(self) -> Optional[Sequence[int]]:
         """The class order before ``class_order_seed`` (``None``: the natural order ``0 .. K-1``)."""
@@ -247,7 +247,7 @@ class ClassIncrementalDataModule(ZooDataModule):
 
     def _raw_splits(self) -> dict[str, RawSplit]:
         """``{"train": ..., "val": ..., "test": ...}`` with original class ids."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must define _raw_splits (a source of the base class)")
 
     def train_transform(self) -> Optional[Callable]:
         return None
