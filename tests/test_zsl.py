@@ -286,21 +286,59 @@ def test_attribute_regression_baseline_beats_chance_on_pixels():
 # ---- through the CLI: a real-format fixture, resume, DDP ------------------------------------------------------------
 
 
-def test_cub_config_runs_on_an_xlsa17_fixture(tmp_path):
+@pytest.mark.parametrize("name, folder, attribute_dim", [("cub", "CUB", 312), ("awa2", "AWA2", 85),
+                                                          ("sun", "SUN", 102), ("flo", "FLO", 1024)])
+def test_real_data_configs_run_on_an_xlsa17_fixture(tmp_path, name, folder, attribute_dim):
     from conftest import ROOT, run_zoo
 
     rng = np.random.default_rng(0)
     labels = np.repeat(np.arange(6), 5)
     features = np.abs(rng.normal(size=(30, 2048))) + labels[:, None] * 0.1
-    _write_pair(tmp_path / "xlsa17" / "CUB", features, labels, rng.random((6, 312)),
+    _write_pair(tmp_path / "xlsa17" / folder, features, labels, rng.random((6, attribute_dim)),
                 np.flatnonzero(labels < 4)[::2], np.flatnonzero(labels < 4)[1::2], np.flatnonzero(labels >= 4))
-    result = run_zoo("fit", "-c", str(ROOT / "configs" / "zsl" / "bi_vaegan_cub.yaml"),
+    result = run_zoo("fit", "-c", str(ROOT / "configs" / "zsl" / f"bi_vaegan_{name}.yaml"),
                      f"--data.init_args.root={tmp_path / 'xlsa17'}", "--model.init_args.hidden=32",
-                     "--model.init_args.syn_num=8", "--trainer.max_epochs=1", "--trainer.logger=false",
-                     "--trainer.check_val_every_n_epoch=1", "--trainer.enable_progress_bar=false",
-                     f"--trainer.default_root_dir={tmp_path / 'run'}", timeout=300)
+                     "--model.init_args.syn_num=8", "--trainer.fast_dev_run=true", "--trainer.logger=false",
+                     "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={tmp_path / 'run'}",
+                     timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "test/zsl_acc" in result.stdout and "test/gzsl_H" in result.stdout
+
+
+@pytest.mark.parametrize("name", ["bi_vaegan_digits", "f_vaegan_digits", "f_vaegan_transductive_digits",
+                                  "attribute_regression_digits"])
+def test_digits_configs_fast_dev_run(tmp_path, name):
+    from conftest import ROOT, results_from_stdout, run_zoo
+
+    result = run_zoo("fit", "-c", str(ROOT / "configs" / "zsl" / f"{name}.yaml"), "--trainer.fast_dev_run=true",
+                     "--trainer.logger=false", "--trainer.enable_progress_bar=false",
+                     f"--trainer.default_root_dir={tmp_path}", timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    scores = results_from_stdout(result.stdout, "test/")
+    assert set(scores) == {"test/zsl_acc", "test/gzsl_U", "test/gzsl_S", "test/gzsl_H"}
+    assert all(0.0 <= v <= 1.0 for v in scores.values())
+
+
+def test_predict_writes_both_test_splits_with_zsl_and_gzsl_labels(tmp_path):
+    import csv
+
+    from conftest import ROOT, run_zoo
+
+    checkpoint = _fit(tmp_path, "train", "--trainer.max_epochs=1")
+    result = run_zoo("predict", "-c", str(ROOT / "configs" / "zsl" / "bi_vaegan_digits.yaml"),
+                     "--model.init_args.hidden=32", "--model.init_args.syn_num=20", "--trainer.logger=false",
+                     "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={tmp_path / 'predict'}",
+                     f"--ckpt_path={checkpoint}", timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    folder = result.stdout.split("predictions written to ", 1)[1].split("/ (", 1)[0]  # next to the checkpoint's run
+    rows = list(csv.DictReader(open(f"{folder}/predictions.csv")))
+    unseen = [r for r in rows if r["split"] == "test_unseen"]
+    seen = [r for r in rows if r["split"] == "test_seen"]
+    dm = _data()
+    assert len(unseen) == len(dm.test_unseen_set) and len(seen) == len(dm.test_seen_set)
+    assert {int(r["zsl_pred"]) for r in unseen} <= {2, 4, 7} and {r["zsl_pred"] for r in seen} == {"-1"}
+    assert [int(r["label"]) for r in unseen] == dm.test_unseen_set.labels.tolist()  # in split order
+    assert {int(r["gzsl_pred"]) for r in seen + unseen} <= set(range(10))
 
 
 def _fit(tmp_path, name, *extra):

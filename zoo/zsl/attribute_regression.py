@@ -6,8 +6,10 @@ the xlsa17 benchmark's embedding baselines): a ridge regression ``x → a`` on t
 with trainval statistics), solved in closed form, and the class whose attribute vector has the highest cosine
 similarity to the prediction: among the unseen classes for ZSL, among all classes for GZSL.
 
-It learns nothing from the unlabelled unseen features, and trains nothing by gradient: the ridge is solved when an
-evaluation starts, so the baseline runs with ``zoo test -c configs/zsl/attribute_regression_digits.yaml``.
+It learns nothing from the unlabelled unseen features, and trains nothing by gradient: the ridge is solved in closed
+form when an evaluation starts. ``zoo test -c configs/zsl/attribute_regression_digits.yaml`` is the whole run; ``zoo
+fit`` also works (it has no optimiser, its training steps do nothing, and its validation and test solve the ridge),
+so the baseline runs from the same commands as the GAN configs.
 """
 
 from __future__ import annotations
@@ -44,6 +46,12 @@ class AttributeRegressionZSL(ZeroShotModule):
         super().__init__(gzsl=gzsl)
         self.save_hyperparameters()
         self.weight: Optional[torch.Tensor] = None
+
+    def configure_optimizers(self) -> None:
+        return None  # closed form: nothing to optimise by gradient
+
+    def training_step(self, batch: object, batch_idx: int) -> None:
+        return None  # the ridge is solved from all trainval features at once, in fit_classifiers
 
     def fit_classifiers(self) -> None:
         with torch.inference_mode(False):
