@@ -457,9 +457,10 @@ class BiVAEGAN(ZeroShotModule):
             z = torch.randn(len(a), self.hparams.attribute_dim, device=a.device, generator=rng)
         return self.generator(z, a)
 
-    def _fake_unseen(self, a_u: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
-        z = torch.randn(len(a_u), self.hparams.attribute_dim, device=a_u.device, generator=rng)
-        return self.generator(z, a_u)
+    def _fake_from_noise(self, a: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
+        """``G(z ~ N(0, I), a)``: unseen features for D_u and L_R, seen ones for D_s without ``encoded_noise``."""
+        z = torch.randn(len(a), self.hparams.attribute_dim, device=a.device, generator=rng)
+        return self.generator(z, a)
 
     def is_transductive_now(self) -> bool:
         return bool(self.hparams.transductive) and self.current_epoch >= self.hparams.ind_epoch
@@ -509,7 +510,7 @@ class BiVAEGAN(ZeroShotModule):
         if transductive:
             x_u, a_u = self.unseen_feature_batch(rng), self.unseen_attribute_batch(rng)
             with torch.no_grad():
-                fake_u = self._fake_unseen(a_u, rng)
+                fake_u = self._fake_from_noise(a_u, rng)
             critic_u = self.critic_unseen
             wasserstein_u = critic_u(x_u).mean() - critic_u(fake_u).mean()
             penalty_unseen = gradient_penalty(critic_u, x_u, fake_u, self.radius, rng)
@@ -528,12 +529,12 @@ class BiVAEGAN(ZeroShotModule):
         z = mean + torch.randn(mean.shape, device=x.device, generator=rng) * torch.exp(0.5 * log_var)
         recon = self.generator(z, a)
         l_vae = vae_loss(recon, x, mean, log_var)
-        fake = recon if hp.encoded_noise else self._fake_unseen(a, rng)
+        fake = recon if hp.encoded_noise else self._fake_from_noise(a, rng)
         loss = l_vae - hp.gamma_g * self.critic_seen(fake, a).mean()
         logs = {"vae": l_vae.detach()}
         if transductive:
             a_u = self.unseen_attribute_batch(rng)
-            fake_u = self._fake_unseen(a_u, rng)
+            fake_u = self._fake_from_noise(a_u, rng)
             loss = loss - hp.gamma_g_unseen * self.critic_unseen(fake_u).mean()
             if self.regressor is not None:
                 cycle = w1_regression_loss(self.regressor(fake_u), a_u)
