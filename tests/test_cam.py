@@ -1,7 +1,7 @@
 import torch
 
 from zoo.backbones import ConvNet
-from zoo.classification.cam import class_activation_maps, colorize, normalize_maps, overlay_maps
+from zoo.cam import class_activation_maps, colorize, normalize_maps, overlay_maps
 from zoo.classification.classifier import ImageClassifier
 
 

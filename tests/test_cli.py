@@ -87,8 +87,8 @@ def test_real_data_configs_fast_dev_run_on_format_fixtures(name, tmp_path):
 @pytest.mark.parametrize("form", ["equals", "separate", "yaml-flow"])
 def test_a_callbacks_override_replaces_the_configs_callbacks(form):
     # digits.yaml lists CAMLogger(num_images=8) and PixelBaselines; the override keeps one CAMLogger with 4 images.
-    value = ('[{"class_path": "zoo.classification.cam.CAMLogger", "init_args": {"num_images": 4}}]'
-             if form != "yaml-flow" else "[{class_path: zoo.classification.cam.CAMLogger, init_args: {num_images: 4}}]")
+    value = ('[{"class_path": "zoo.cam.CAMLogger", "init_args": {"num_images": 4}}]'
+             if form != "yaml-flow" else "[{class_path: zoo.cam.CAMLogger, init_args: {num_images: 4}}]")
     override = ["--trainer.callbacks", value] if form == "separate" else [f"--trainer.callbacks={value}"]
     cli = ZooCLI(args=["-c", str(DIGITS), "--trainer.logger=false", *override], run=False)
     names = [type(c).__name__ for c in cli.trainer.callbacks]

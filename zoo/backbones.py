@@ -106,15 +106,17 @@ class StridedConvFeatures(nn.Module):
         widths: channels of each stage.
         out_indices: stages returned, in order.
         output_stride: the largest reduction allowed (a power of 2); stages beyond it keep the resolution.
+        dilate: stages beyond ``output_stride`` dilate their convolutions (the atrous trick); ``False`` keeps them
+            plain, so the receptive field stays small (class maps of small from-scratch networks localise better).
     """
 
     def __init__(self, in_chans: int = 3, widths: Sequence[int] = (16, 32, 64, 128, 128),
-                 out_indices: Sequence[int] = (2, 3, 4), output_stride: int = 32) -> None:
+                 out_indices: Sequence[int] = (2, 3, 4), output_stride: int = 32, dilate: bool = True) -> None:
         super().__init__()
         stages, channels, reduction, dilation, reductions = [], in_chans, 1, 1, []
         for width in widths:
             stride = 2 if reduction * 2 <= output_stride else 1
-            if stride == 1:
+            if stride == 1 and dilate:
                 dilation *= 2
             reduction *= stride
             stages.append(nn.Sequential(

@@ -8,6 +8,7 @@ the ramp of an unlabeled loss weight. They are pure: no state, no trainer, so a 
 * ``warmup_multistep``: linear warm-up from a factor, then ×γ at each milestone (the detectors' 1× schedule).
 * ``half_then_linear_decay``: constant for the first half, then linearly to 0 (U-GAT-IT, NICE-GAN).
 * ``linear_rampup``: ``min(1, t / T)`` (the ramp of an unlabeled loss's weight).
+* ``poly``: ``(1 − t / T)^power`` (DeepLab's "poly" policy; SEAM / PPC's ``PolyOptimizer``).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import math
 from typing import Callable, Sequence
 
-__all__ = ["warmup_cosine", "warmup_multistep", "half_then_linear_decay", "linear_rampup"]
+__all__ = ["warmup_cosine", "warmup_multistep", "half_then_linear_decay", "linear_rampup", "poly"]
 
 
 def warmup_cosine(step: int, total_steps: int, warmup_steps: int = 0, cycles: float = 7 / 16) -> float:
@@ -72,3 +73,13 @@ def linear_rampup(step: float, ramp_steps: float) -> float:
     (0.5, 1.0, 1.0)
     """
     return 1.0 if ramp_steps <= 0 else min(1.0, step / ramp_steps)
+
+
+def poly(step: int, total_steps: int, power: float = 0.9) -> float:
+    """``(1 − step / total_steps)^power``, 0 from ``total_steps`` on (DeepLab's poly policy, SEAM / PPC's
+    ``PolyOptimizer``).
+
+    >>> poly(0, 100), round(poly(50, 100), 4), poly(100, 100)
+    (1.0, 0.5359, 0.0)
+    """
+    return (1 - min(step, total_steps) / max(total_steps, 1)) ** power

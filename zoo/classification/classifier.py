@@ -1,6 +1,6 @@
 """The reference image classifier: any backbone, global average pooling, a linear head.
 
-This is the network form CAM (Zhou et al. 2016, see ``zoo.classification.cam``) is defined for, and the model the
+This is the network form CAM (Zhou et al. 2016, see ``zoo.cam``) is defined for, and the model the
 foundation's demo, fine-tuning and scaling tests run on. The optimizer and scheduler come from the CLI's
 ``optimizer:`` / ``lr_scheduler:`` sections; without them ``configure_optimizers`` falls back to AdamW. The head and
 the evaluation steps are the shared ones of ``zoo.classifier``.
@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from zoo.classification.cam import class_activation_maps
+from zoo.cam import class_activation_maps
 from zoo.classifier import ClassificationModule, ClassifierHead
 from zoo.contracts import feature_channels
 from zoo.checkpoint import drop_module_hyperparameters
@@ -49,7 +49,7 @@ class ImageClassifier(ClassificationModule):
         return self.head(self.backbone(images))
 
     def class_activation_maps(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(logits (B, K), CAMs (B, K, h, w))`` from one forward pass; see ``zoo.classification.cam``."""
+        """``(logits (B, K), CAMs (B, K, h, w))`` from one forward pass; see ``zoo.cam``."""
         features = self.backbone(images)
         return self.head(features), class_activation_maps(features, self.head.fc.weight)
 
