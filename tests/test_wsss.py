@@ -498,3 +498,18 @@ def test_two_process_ddp_trains_and_scores_the_same_miou_as_one_process(tmp_path
     assert set(one) == {"test/cam_miou", "test/cam_miou_oracle", "test/bg_threshold"} and set(two) == set(one)
     for name in one:
         assert two[name] == pytest.approx(one[name], abs=1e-6), name
+
+
+@pytest.mark.parametrize("config", ["cam_digits", "seam_digits"])
+def test_ablation_configs_fast_dev_run(config, tmp_path):
+    from conftest import ROOT
+
+    from zoo.cli import ZooCLI
+
+    cli = ZooCLI(args=["fit", "-c", str(ROOT / "configs" / "wsss" / f"{config}.yaml"),
+                       f"--data.init_args.root={tmp_path / 'data'}", "--data.init_args.n_train=32",
+                       "--data.init_args.n_train_eval=16", "--data.init_args.n_val=16", "--trainer.fast_dev_run=true",
+                       *_quiet(tmp_path, "run")])
+    assert cli.trainer.global_step == 1
+    flags = {k: v for k, v in cli.model.hparams.items() if k.startswith("use_")}
+    assert not flags["use_cross_proto"] and not flags["use_intra"] and flags["use_pcm"] == (config == "seam_digits")
