@@ -299,17 +299,19 @@ class ZooDataModule(L.LightningDataModule):
                                    persistent_workers=self.num_workers > 0)
 
     def two_stream_loader(self, streams: Mapping[str, tuple[Dataset, int]], num_batches: int,
-                          seed: int) -> CombinedLoader:
+                          seed: int, collate_fns: Optional[Mapping[str, Callable]] = None) -> CombinedLoader:
         """Batches ``{name: batch of that stream}`` from several datasets in lock-step, ``num_batches`` per epoch.
 
         Stream ``i`` (in ``streams`` order) draws ``ShardedRandomBatchSampler(len(dataset), batch_size, num_batches,
         seed=len(streams) · seed + i)``: the streams are shuffled independently, each rank takes disjoint items at
         every step, and a smaller dataset simply starts another pass, so no stream is cycled by Lightning.
+        ``collate_fns`` names a stream's collate function (default: torch's).
         """
         rank, world = self._world()
+        collate_fns = dict(collate_fns or {})
         loaders = {
             name: self.batch_sampler_loader(dataset, ShardedRandomBatchSampler(
-                len(dataset), batch_size, num_batches, len(streams) * seed + i, rank, world))
+                len(dataset), batch_size, num_batches, len(streams) * seed + i, rank, world), collate_fns.get(name))
             for i, (name, (dataset, batch_size)) in enumerate(streams.items())
         }
         return CombinedLoader(loaders, mode="max_size_cycle")

@@ -151,3 +151,32 @@ class SignalAtTestBatch(Callback):
 
         if batch_idx == self.batch:
             os.kill(os.getpid(), signal.SIGTERM)
+
+
+class RecordSoftTeacherRank(Callback):
+    """Writes ``<out>/soft_teacher_rank<r>.json``: the unlabelled image ids of every step, and at the first batch and
+    at the end the teacher's and the student's checksums (every tensor's sum) and the teacher's update count."""
+
+    def __init__(self, out: str) -> None:
+        self.out = Path(out)
+        self.image_ids: list = []
+        self.start: dict | None = None
+
+    @staticmethod
+    def _state(pl_module) -> dict:
+        return {"teacher": {k: float(v.double().sum()) for k, v in pl_module.teacher.module.state_dict().items()},
+                "student": {k: float(v.double().sum()) for k, v in pl_module.detector.state_dict().items()},
+                "num_updates": int(pl_module.teacher.num_updates)}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.start is None:
+            self.start = self._state(pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.image_ids.append([int(info["image_id"]) for info in batch["unlabeled"][2]])
+
+    def on_train_end(self, trainer, pl_module):
+        self.out.mkdir(parents=True, exist_ok=True)
+        path = self.out / f"soft_teacher_rank{trainer.global_rank}.json"
+        path.write_text(json.dumps({"image_ids": self.image_ids, "start": self.start, "end": self._state(pl_module),
+                                    "world_size": trainer.world_size}))

@@ -33,6 +33,10 @@ Training batches hold only landscape (w ≥ h) or only portrait images (``Aspect
 ``GroupedBatchSampler``), so little padding is wasted; the DataModules shard training and evaluation across DDP ranks
 themselves (configs set ``trainer.use_distributed_sampler: false``).
 
+Semi-supervised detection (Soft Teacher) reads partially labelled COCO and the digit canvases with 5 % labelled
+(``datamodules.detection.semi``): labelled batches plus weak/strong views of unlabelled images with their 3×3
+transform matrices.
+
 ``DigitCanvasDataModule`` is the embedded default: ``write_digit_canvas`` pastes scikit-learn's bundled 8×8 digits on
 noisy canvases and writes them as a real COCO-format set, which is then read by the same ``CocoDetection`` code.
 """
@@ -44,6 +48,9 @@ from datamodules.detection.records import DetectionDataset, DetectionRecords
 from datamodules.detection.sampler import AspectRatioBatchSampler
 from datamodules.detection.transforms import (ResizeShortestSide, detection_collate, detection_transform,
                                               image_file_collate, image_transform)
+from datamodules.detection.semi import (AugmentedView, DigitCanvasSemiSupervisedDataModule,
+                                        SemiSupervisedDetectionDataModule, UnlabeledViews, partial_label_ids,
+                                        read_split_ids)
 from datamodules.detection.voc import VOC_CLASSES, VOC_LAYOUT, VOCDetection
 
 __all__ = [
@@ -51,4 +58,6 @@ __all__ = [
     "VOCDetection", "ResizeShortestSide", "detection_transform", "detection_collate", "image_transform",
     "image_file_collate", "AspectRatioBatchSampler",
     "DetectionDataModule", "CocoDetectionDataModule", "VOCDetectionDataModule", "DigitCanvasDataModule",
+    "AugmentedView", "UnlabeledViews", "partial_label_ids", "read_split_ids", "SemiSupervisedDetectionDataModule",
+    "DigitCanvasSemiSupervisedDataModule",
 ]

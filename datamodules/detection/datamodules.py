@@ -23,7 +23,8 @@ from datamodules.detection.transforms import detection_collate, detection_transf
 from datamodules.detection.voc import VOC_CLASSES, VOCDetection, parse_voc_set_name
 from datamodules.generated.detection_digit_canvas import write_digit_canvas
 
-__all__ = ["DetectionDataModule", "CocoDetectionDataModule", "VOCDetectionDataModule", "DigitCanvasDataModule"]
+__all__ = ["DetectionDataModule", "CocoDetectionDataModule", "VOCDetectionDataModule", "DigitCanvasFiles",
+           "DigitCanvasDataModule"]
 
 
 class DetectionDataModule(ZooDataModule):
@@ -234,7 +235,30 @@ class VOCDetectionDataModule(DetectionDataModule):
         return VOCDetection(self.root, self.sets[split], transform)
 
 
-class DigitCanvasDataModule(CocoDetectionDataModule):
+class DigitCanvasFiles:
+    """What the digit-canvas DataModules share (mixed in before a COCO-format DataModule that sets ``root`` and
+    ``generation``): the 10 digit classes, and the set written by ``write_digit_canvas`` on first use."""
+
+    root: Path
+    generation: dict[str, Any]
+
+    @property
+    def class_names(self) -> list[str]:
+        return [str(d) for d in range(10)]
+
+    @property
+    def category_ids(self) -> list[int]:
+        return list(range(1, 11))
+
+    def prepare_data(self) -> None:
+        write_digit_canvas(self.root, **self.generation)
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        self.prepare_data()  # a no-op when the set is there (e.g. prepare_data already ran on this node)
+        super().setup(stage)
+
+
+class DigitCanvasDataModule(DigitCanvasFiles, CocoDetectionDataModule):
     """The embedded default: ``write_digit_canvas`` writes the set under ``root`` (COCO format) on first use, and it is
     read through ``CocoDetection`` exactly like COCO. 10 classes, the digits "0".."9".
 
@@ -286,18 +310,3 @@ class DigitCanvasDataModule(CocoDetectionDataModule):
         self.generation = dict(seed=generator_seed, canvas_size=canvas_size, num_train=num_train, num_val=num_val,
                                num_test=num_test, min_digit=min_digit, max_digit=max_digit, max_digits=max_digits,
                                noise=noise)
-
-    @property
-    def class_names(self) -> list[str]:
-        return [str(d) for d in range(10)]
-
-    @property
-    def category_ids(self) -> list[int]:
-        return list(range(1, 11))
-
-    def prepare_data(self) -> None:
-        write_digit_canvas(self.root, **self.generation)
-
-    def setup(self, stage: Optional[str] = None) -> None:
-        self.prepare_data()  # a no-op when the set is there (e.g. prepare_data already ran on this node)
-        super().setup(stage)
