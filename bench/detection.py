@@ -51,6 +51,19 @@ GFL training steps against torchvision's FCOS on the same neck, and the ATSS ass
    ``matched`` vectors before anything is timed. ``MaxIoUAssigner`` (RetinaNet's 0.5 / 0.4 with low-quality
    matches) on the same inputs for reference.
 
+4. **Soft Teacher step vs the Faster R-CNN step** (``--sections softteacher``): ``zoo.detection.faster_rcnn.
+   FasterRCNN`` on ``FeaturePyramid(TimmFeatures(backbone, out_indices=[1, 2, 3, 4]), 256)`` (P2–P5, mmdetection's
+   settings: 512 RoIs per image, RPN 2000 → 1000), 80 classes, and ``SoftTeacher`` with the same weights. The
+   supervised step trains on ``--st-images`` 5 labelled images; the Soft Teacher step on 1 labelled + 4 unlabelled
+   ones (weak and strong views of the same size, the strong one translated by 10 %). A random teacher scores
+   every box ≈ 1/81, so its detections are replaced, after it has run, by ``--st-boxes`` 8 planted boxes per image
+   (scores in (0.5, 1), half above 0.9): a realistic load for jittering (10 copies each) and for the pseudo-box
+   losses. Its parts: the supervised losses (forward + backward on the labelled image), the teacher's pass on the
+   weak views (``no_grad``), box jittering alone, the unsupervised losses (forward + backward) and the EMA update.
+   Then box mapping (``transform_boxes``, four corners through each box's 3×3 matrix, min/max, clip) and jittering
+   (``jitter_boxes`` + ``box_uncertainty``) on 5 000 boxes over 5 images against per-box Python loops doing the same
+   arithmetic; both must agree before timing.
+
 Timing: ``--warmup`` calls, then the median of ``--steps`` timed calls (``--assign-steps`` for section 3, the
 per-RoI parts and the loss split, which are cheap), ms. Peak memory is the extra memory the timed calls need on top
 of what was allocated before them (model, optimiser state, inputs): on CPU the growth of the resident set
@@ -66,9 +79,10 @@ The defaults (ResNet-50, 512 × 512, ``--steps 3`` after 1 warm-up) take 107 s o
 cost is one anchors × boxes distance matrix and a per-level top-k; the per-box loop does the same arithmetic one box
 at a time plus about twenty small ops per box, and ``MaxIoUAssigner`` needs the full IoU matrix by definition.
 
-    python bench/detection.py [--sections rfcn train assign] [--backbone resnet50] [--size 512 512] [--batch 2]
+    python bench/detection.py [--sections rfcn train assign softteacher] [--backbone resnet50] [--size 512 512] [--batch 2]
                               [--rfcn-classes 20] [--dense-classes 80] [--score-threshold 0.05] [--steps 3]
-                              [--warmup 1] [--assign-steps 10] [--device cuda|cpu] [--threads N]
+                              [--warmup 1] [--assign-steps 10] [--st-images 5] [--st-boxes 8]
+                              [--device cuda|cpu] [--threads N]
 """
 
 from __future__ import annotations
@@ -100,7 +114,10 @@ from zoo.detection.atss import ATSS  # noqa: E402
 from zoo.detection.fcos import TorchvisionFCOS  # noqa: E402
 from zoo.detection.fpn import FeaturePyramid  # noqa: E402
 from zoo.detection.gfl import GFL  # noqa: E402
+from zoo.detection.boxes import transform_boxes  # noqa: E402
+from zoo.detection.faster_rcnn import FasterRCNN as ZooFasterRCNN  # noqa: E402
 from zoo.detection.rfcn import RFCN  # noqa: E402
+from zoo.detection.soft_teacher import SoftTeacher, box_uncertainty, jitter_boxes  # noqa: E402
 from measure import measure  # noqa: E402  (bench/measure.py)
 
 
@@ -431,10 +448,153 @@ def bench_assign(args: argparse.Namespace, device: torch.device) -> None:
           f"{len(vectorised.unique()) - 1} of {num_gt} boxes matched)")
 
 
+# ---- 4. Soft Teacher vs Faster R-CNN ----------------------------------------------------------------------------
+
+def _two_stage(cls: type, backbone: str, **kwargs) -> nn.Module:
+    torch.manual_seed(0)  # the same weights for both
+    neck = FeaturePyramid(TimmFeatures(backbone, out_indices=[1, 2, 3, 4]), 256)
+    return cls(neck=neck, num_classes=80, **kwargs)
+
+
+def _planted_detect(real: Callable, boxes_per_image: int, generator: torch.Generator) -> Callable:
+    """The teacher's ``detect``, run for its cost, then replaced by planted boxes (a random teacher finds none)."""
+    def detect(images, image_sizes, features=None):
+        real(images, image_sizes, features)
+        out = []
+        for height, width in image_sizes:
+            boxes = random_boxes(boxes_per_image, height, width, 24, min(height, width) * 0.6, generator)
+            boxes = boxes.to(images.device)
+            scores = torch.linspace(0.55, 0.99, boxes_per_image, device=images.device)
+            out.append({"boxes": boxes, "scores": scores,
+                        "labels": torch.randint(80, (boxes_per_image,), generator=generator).to(images.device)})
+        return out
+    return detect
+
+
+def map_boxes_per_box(boxes: torch.Tensor, matrices: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
+    """Reference: ``transform_boxes`` one box at a time, as per-image / per-box implementations loop."""
+    out = []
+    for box, matrix, (height, width) in zip(boxes.tolist(), matrices.tolist(), sizes.tolist()):
+        xs, ys = [], []
+        for x, y in ((box[0], box[1]), (box[2], box[1]), (box[0], box[3]), (box[2], box[3])):
+            u = matrix[0][0] * x + matrix[0][1] * y + matrix[0][2]
+            v = matrix[1][0] * x + matrix[1][1] * y + matrix[1][2]
+            w = matrix[2][0] * x + matrix[2][1] * y + matrix[2][2]
+            xs.append(u / w)
+            ys.append(v / w)
+        out.append([min(max(min(xs), 0), width), min(max(min(ys), 0), height), min(max(max(xs), 0), width),
+                    min(max(max(ys), 0), height)])
+    return torch.tensor(out, dtype=boxes.dtype)
+
+
+def uncertainty_per_box(refined: torch.Tensor) -> torch.Tensor:
+    """Reference: ``box_uncertainty`` one box at a time."""
+    out = []
+    for copies in refined.transpose(0, 1):
+        mean = copies.mean(dim=0)
+        sides = (mean[2:] - mean[:2]).clamp(min=1).repeat(2)
+        out.append((copies.std(dim=0) / sides).mean())
+    return torch.stack(out)
+
+
+def bench_soft_teacher(args: argparse.Namespace, device: torch.device) -> None:
+    height, width = args.size
+    count = args.st_images
+    print(f"\n## 4. Soft Teacher vs Faster R-CNN training step, {args.backbone} + FPN P2–P5 256, {height}×{width}, "
+          f"{count} images ({count} labelled vs 1 labelled + {count - 1} unlabelled), {args.st_boxes} planted "
+          "pseudo boxes per unlabelled image")
+    g = torch.Generator().manual_seed(0)
+    images = [torch.rand(3, height, width, generator=g).to(device) for _ in range(count)]
+    targets = [{"boxes": random_boxes(5, height, width, 16, 0.9 * min(height, width), g, log_uniform=True).to(device),
+                "labels": torch.randint(80, (5,), generator=g).to(device)} for _ in range(count)]
+    shift = torch.tensor([[1.0, 0, 0.1 * width], [0, 1, 0.1 * height], [0, 0, 1]], dtype=torch.float64)
+    strong = [torch.roll(im, shifts=(int(0.1 * height), int(0.1 * width)), dims=(-2, -1)) for im in images[1:]]
+    infos = [{"weak_matrix": torch.eye(3, dtype=torch.float64), "strong_matrix": shift, "image_id": torch.tensor(i),
+              "boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)} for i in range(count - 1)]
+
+    supervised = _two_stage(ZooFasterRCNN, args.backbone).to(device).train()
+    optimizer = sgd(supervised)
+    sup_ms, sup_mib, _ = measure(lambda: train_step(supervised, optimizer, images, targets), args.steps, device,
+                                 args.warmup)
+    supervised = optimizer = None  # freed before the Soft Teacher model is built
+    _release(device)
+
+    model = _two_stage(SoftTeacher, args.backbone).to(device).train()
+    teacher = model.teacher_network
+    teacher.detect = _planted_detect(teacher.detect, args.st_boxes, g)
+    optimizer = sgd(model)
+    batch = {"labeled": (images[:1], [dict(t, iscrowd=torch.zeros(5, dtype=torch.bool)) for t in targets[:1]]),
+             "unlabeled": (images[1:], strong, infos)}
+
+    def st_step() -> float:
+        loss = model.training_step(batch, 1)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        model.teacher.update(model.detector)
+        return loss.item()
+
+    model.log = model.log_dict = lambda *a, **k: None  # no trainer here
+    st_ms, st_mib, loss = measure(st_step, args.steps, device, args.warmup)
+    assert math.isfinite(loss)
+
+    def supervised_part() -> None:
+        pixels, sizes = model.preprocess(images[:1])
+        sum(model.detector.supervised_losses(pixels, sizes, targets[:1]).values()).backward()
+
+    sup_part_ms, _, _ = measure(supervised_part, args.assign_steps, device, 1)
+    model.hparams.box_jittering = False
+    teacher_ms, _, _ = measure(lambda: model.pseudo_label(images[1:]), args.assign_steps, device, 1)
+    model.hparams.box_jittering = True
+    pseudo = model.pseudo_label(images[1:])
+    counts = torch.bincount(pseudo.image, minlength=count - 1)
+    jitter_ms, _, _ = measure(lambda: model.jitter_uncertainty(pseudo.features, pseudo.sizes, pseudo.boxes,
+                                                               pseudo.labels, pseudo.image, counts),
+                              args.assign_steps, device, 1)
+    unsup_ms, _, _ = measure(lambda: sum(model.unsupervised_losses(strong, infos, pseudo).values()).backward(),
+                             args.assign_steps, device, 1)
+    ema_ms, _, _ = measure(lambda: model.teacher.update(model.detector), args.assign_steps, device, 1)
+    rows = [["Faster R-CNN step", f"{sup_ms:.0f}", f"{sup_mib:.0f}", "1.00×"],
+            ["Soft Teacher step", f"{st_ms:.0f}", f"{st_mib:.0f}", f"{st_ms / sup_ms:.2f}×"],
+            ["  supervised losses, 1 labelled image (fwd + bwd)", f"{sup_part_ms:.0f}", "",
+             f"{sup_part_ms / st_ms:.0%}"],
+            ["  teacher on the weak views (no_grad)", f"{teacher_ms:.0f}", "", f"{teacher_ms / st_ms:.0%}"],
+            ["  box jittering (10 copies, teacher box head)", f"{jitter_ms:.0f}", "", f"{jitter_ms / st_ms:.0%}"],
+            ["  unsupervised losses (fwd + bwd)", f"{unsup_ms:.0f}", "", f"{unsup_ms / st_ms:.0%}"],
+            ["  EMA update", f"{ema_ms:.1f}", "", f"{ema_ms / st_ms:.1%}"]]
+    _table(["step (ms, peak MiB, ratio or share of the Soft Teacher step)", "ms", "peak MiB", "ratio / share"], rows)
+    model = optimizer = pseudo = None
+    _release(device)
+
+    n = 5000
+    boxes = random_boxes(n, height, width, 8, 300, g).double()
+    image = torch.randint(5, (n,), generator=g)
+    angles = torch.rand(5, generator=g) * 0.5
+    matrices = torch.eye(3, dtype=torch.float64).repeat(5, 1, 1)
+    matrices[:, 0, 0], matrices[:, 0, 1] = angles.cos(), -angles.sin()
+    matrices[:, 1, 0], matrices[:, 1, 1] = angles.sin(), angles.cos()
+    matrices[:, :2, 2] = torch.rand(5, 2, generator=g).double() * 50
+    sizes = torch.tensor([[height, width]]).repeat(5, 1)
+    vector_ms, _, mapped = measure(lambda: transform_boxes(boxes, matrices[image], sizes[image]), args.assign_steps,
+                                   torch.device("cpu"), 1)
+    loop_ms, _, reference = measure(lambda: map_boxes_per_box(boxes, matrices[image], sizes[image]), 2,
+                                    torch.device("cpu"), 0)
+    assert torch.allclose(mapped, reference, atol=1e-6)
+    refined = jitter_boxes(boxes.float(), 10, 0.06, g)
+    jit_ms, _, unc = measure(lambda: box_uncertainty(jitter_boxes(boxes.float(), 10, 0.06, g)), args.assign_steps,
+                             torch.device("cpu"), 1)
+    unc_loop_ms, _, unc_ref = measure(lambda: uncertainty_per_box(refined), 2, torch.device("cpu"), 0)
+    assert torch.allclose(box_uncertainty(refined), unc_ref, atol=1e-6)
+    _table([f"{n} boxes over 5 images (CPU)", "vectorised ms", "per-box loop ms", "speed-up"],
+           [["map through 3×3 matrices + clip", f"{vector_ms:.2f}", f"{loop_ms:.0f}", f"{loop_ms / vector_ms:.0f}×"],
+            ["jitter (10 copies) + uncertainty", f"{jit_ms:.2f}", f"{unc_loop_ms:.0f} (uncertainty only)",
+             f"{unc_loop_ms / jit_ms:.0f}×"]])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sections", nargs="+", choices=["rfcn", "train", "assign"],
-                        default=["rfcn", "train", "assign"])
+    parser.add_argument("--sections", nargs="+", choices=["rfcn", "train", "assign", "softteacher"],
+                        default=["rfcn", "train", "assign", "softteacher"])
     parser.add_argument("--backbone", default="resnet50", help="timm ResNet name (random init)")
     parser.add_argument("--size", type=int, nargs=2, default=[512, 512], metavar=("H", "W"))
     parser.add_argument("--batch", type=int, default=2, help="training-step batch")
@@ -444,6 +604,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--assign-steps", type=int, default=10, help="timed calls of the cheap parts")
+    parser.add_argument("--st-images", type=int, default=5, help="Soft Teacher: 1 labelled + N-1 unlabelled")
+    parser.add_argument("--st-boxes", type=int, default=8, help="Soft Teacher: planted pseudo boxes per image")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
@@ -456,7 +618,8 @@ def main() -> None:
     print(f"median of {args.steps} after {args.warmup} warm-up ({args.assign_steps} for the cheap parts); "
           "peak = extra memory during the timed calls")
     start = time.perf_counter()
-    for section, bench in [("rfcn", bench_rfcn), ("train", bench_train), ("assign", bench_assign)]:
+    for section, bench in [("rfcn", bench_rfcn), ("train", bench_train), ("assign", bench_assign),
+                           ("softteacher", bench_soft_teacher)]:
         if section in args.sections:
             bench(args, device)
             _release(device)  # each section's models and tensors die with its frame
