@@ -365,6 +365,8 @@ def test_digit_configs_fast_dev_run_and_report_teacher_and_student(config, tmp_p
     metrics = cli.trainer.callback_metrics
     assert "test/map" in metrics
     assert ("test/student/map" in metrics) == (config == "soft_teacher_digits")
+    # Without a logger the weak / strong pseudo-box panel goes to a PNG in the run folder.
+    assert bool(list((tmp_path / "run").rglob("pseudo_boxes/epoch000.png"))) == (config == "soft_teacher_digits")
 
 
 @pytest.mark.parametrize("config", ["faster_rcnn_coco_10pct", "soft_teacher_coco_10pct"])
