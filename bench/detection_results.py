@@ -36,21 +36,16 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from measure import cli_metrics  # noqa: E402  (bench/measure.py)
+
 VARIANTS = {
     "soft_teacher": [],
     "no_background_weighting": ["--model.init_args.background_weighting=false"],
     "no_box_jittering": ["--model.init_args.box_jittering=false"],
     "continued_supervised": ["--model.init_args.unsup_weight=0.0"],
 }
-
-
-def _results(stdout: str, prefix: str = "test/") -> dict[str, float]:
-    out = {}
-    for line in stdout.splitlines():
-        parts = line.split()
-        if len(parts) == 2 and parts[0].startswith(prefix):
-            out[parts[0][len(prefix):]] = float(parts[1])
-    return out
 
 
 def _zoo(*args: str, csv_dir: Path | None = None) -> subprocess.CompletedProcess:
@@ -88,7 +83,7 @@ def run_seed(seed: int, data: Path, variants: list[str], jobs: int, out: Path) -
         common = [f"--data.init_args.root={data}", f"--seed_everything={seed}"]
         fit = _zoo("fit", "-c", str(config / "faster_rcnn_digits.yaml"), *common,
                    f"--trainer.default_root_dir={Path(tmp) / 'supervised'}")
-        _write(out, _row("supervised", seed, _results(fit.stdout), start))
+        _write(out, _row("supervised", seed, cli_metrics(fit.stdout), start))
         checkpoint = Path(tmp) / "supervised" / "version_0" / "checkpoints" / "last.ckpt"
 
         def one(variant: str) -> None:
@@ -97,7 +92,7 @@ def run_seed(seed: int, data: Path, variants: list[str], jobs: int, out: Path) -
             result = _zoo("fit", "-c", str(config / "soft_teacher_digits.yaml"), *common, *VARIANTS[variant],
                           f"--finetune.init_from={checkpoint}", f"--trainer.default_root_dir={Path(tmp) / variant}",
                           csv_dir=csv_dir)
-            _write(out, {**_row(variant, seed, _results(result.stdout), begin), **_training_pseudo_quality(csv_dir)})
+            _write(out, {**_row(variant, seed, cli_metrics(result.stdout), begin), **_training_pseudo_quality(csv_dir)})
 
         with ThreadPoolExecutor(jobs) as pool:
             list(pool.map(one, variants))

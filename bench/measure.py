@@ -17,7 +17,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-__all__ = ["measure"]
+__all__ = ["measure", "cli_metrics"]
 
 try:
     _LIBC = ctypes.CDLL("libc.so.6")
@@ -62,3 +62,14 @@ def measure(fn: Callable[[], object], repeats: int, device: torch.device, warmup
     else:
         peak = (_rss_kib("VmHWM") - before) / 1024
     return float(np.median(times)), peak, result
+
+
+def cli_metrics(stdout: str, prefix: str = "test/") -> dict[str, float]:
+    """The ``<prefix>name  value`` rows of the results table ``zoo fit`` / ``zoo test`` print, as ``{name: value}``
+    (the results scripts read their runs' figures this way)."""
+    out = {}
+    for line in stdout.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[0].startswith(prefix):
+            out[parts[0][len(prefix):]] = float(parts[1])
+    return out

@@ -36,16 +36,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from measure import cli_metrics  # noqa: E402  (bench/measure.py)
 VARIANTS = ("cam", "seam", "ppc")
-
-
-def _results(stdout: str, prefix: str = "test/") -> dict[str, float]:
-    out = {}
-    for line in stdout.splitlines():
-        parts = line.split()
-        if len(parts) == 2 and parts[0].startswith(prefix):
-            out[parts[0][len(prefix):]] = float(parts[1])
-    return out
 
 
 def _zoo(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
@@ -61,7 +55,7 @@ def stage2(data: Path, masks: Path, seed: int, run_dir: Path) -> float:
     result = _zoo("fit", "-c", str(ROOT / "configs" / "wsss" / "deeplab_digits.yaml"), f"--seed_everything={seed}",
                   f"--data.init_args.root={data}", f"--data.init_args.pseudo_mask_dir={masks}",
                   f"--trainer.default_root_dir={run_dir}")
-    return _results(result.stdout)["miou"]
+    return cli_metrics(result.stdout)["miou"]
 
 
 def run(variant: str, seed: int, data: Path) -> dict:
@@ -82,7 +76,7 @@ def run(variant: str, seed: int, data: Path) -> dict:
             folder = next(line.split(" written to ")[1].split("/ (")[0] for line in predicted.stdout.splitlines()
                           if " written to " in line)
             row = {"pseudo_miou": pseudo, "bg_threshold": threshold,
-                   "val_cam_miou": _results(fit.stdout)["cam_miou"],
+                   "val_cam_miou": cli_metrics(fit.stdout)["cam_miou"],
                    "stage2_miou": stage2(data, Path(folder), seed, Path(tmp) / "stage2")}
     return {"variant": variant, "seed": seed, **row, "seconds": round(time.time() - start)}
 
